@@ -1,0 +1,60 @@
+"""FastAPI application factory (an edge: reads settings, builds the engine)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine, text
+
+from api import errors
+from api.middleware import RequestContextMiddleware
+from api.routes import customer_cards, customers
+from models.db import make_engine, make_sessionmaker
+from worker.settings import Settings
+
+
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    owns_engine = engine is None
+    db = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_engine:
+            db.dispose()
+
+    app = FastAPI(
+        title="loyalty-sync",
+        version="0.1.0",
+        description=(
+            "Stamp-card loyalty store (Leal-style REST API): customers with external references "
+            "and metadata, customer cards, stamps and rewards."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = db
+    app.state.sessionmaker = make_sessionmaker(db)
+    errors.install(app)
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(customers.router)
+    app.include_router(customer_cards.router)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz(request: Request) -> JSONResponse:
+        """Liveness + database check."""
+        body: dict[str, Any] = {"status": "ok", "database": "ok"}
+        try:
+            with request.app.state.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"
+            body = {"status": "error", "database": type(exc).__name__}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
+
+    return app

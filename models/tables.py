@@ -1,0 +1,312 @@
+"""The store's tables (SQLAlchemy 2.0 typed declarative models).
+
+Every uniqueness rule the product promises is a database constraint, so that concurrent writers
+cannot break it: a check in Python alone would race.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on both backends (SQLite drops the offset otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class TimestampMixin:
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class Store(TimestampMixin, Base):
+    """A merchant account (Leal's *account*)."""
+
+    __tablename__ = "stores"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # ISO 3166 region used to read national phone numbers (`(212) 555-4240` → +1…).
+    country: Mapped[str] = mapped_column(String(2), default="US")
+
+
+class ApiToken(Base):
+    """A bearer token of one store. Only its SHA-256 is kept; the token is shown once."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class Customer(TimestampMixin, Base):
+    __tablename__ = "customers"
+    __table_args__ = (
+        # Uniqueness per store is what the API promises; NULLs are distinct on both backends,
+        # so customers without an email (or phone) do not collide.
+        UniqueConstraint("store_id", "email"),
+        UniqueConstraint("store_id", "phone"),
+        CheckConstraint(
+            "birth_month IS NULL OR (birth_month BETWEEN 1 AND 12)", name="birth_month"
+        ),
+        CheckConstraint("birth_day IS NULL OR (birth_day BETWEEN 1 AND 31)", name="birth_day"),
+        Index("ix_customers_store_id_id", "store_id", "id"),
+        # Substring search (`LIKE '%frag%'`) over names/email/phone digits: trigram index on
+        # PostgreSQL; SQLite scans, which is fine at embedded sizes.
+        Index(
+            "ix_customers_search_text_trgm",
+            "search_text",
+            postgresql_using="gin",
+            postgresql_ops={"search_text": "gin_trgm_ops"},
+        ).ddl_if(dialect="postgresql"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    first_name: Mapped[str | None] = mapped_column(String(200))
+    last_name: Mapped[str | None] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(320))
+    phone: Mapped[str | None] = mapped_column(String(20))
+    birth_year: Mapped[int | None] = mapped_column(SmallInteger)
+    birth_month: Mapped[int | None] = mapped_column(SmallInteger)
+    birth_day: Mapped[int | None] = mapped_column(SmallInteger)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    merged_into_id: Mapped[int | None] = mapped_column(
+        ForeignKey("customers.id", ondelete="SET NULL")
+    )
+    # Lower-cased "first last\nemail\nphone digits", maintained by the store operations.
+    search_text: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+    external_references: Mapped[list[ExternalReference]] = relationship(
+        back_populates="customer", order_by="ExternalReference.id", lazy="selectin"
+    )
+    customer_cards: Mapped[list[CustomerCard]] = relationship(
+        back_populates="customer", order_by="CustomerCard.id", lazy="selectin"
+    )
+
+
+class ExternalReference(TimestampMixin, Base):
+    __tablename__ = "external_references"
+    __table_args__ = (
+        # The identity of a foreign record: upserts key on it, so it can never be duplicated.
+        UniqueConstraint("store_id", "source", "external_id"),
+        # "search by exact external id of any source".
+        Index("ix_external_references_store_id_external_id", "store_id", "external_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    customer_id: Mapped[int] = mapped_column(
+        ForeignKey("customers.id", ondelete="CASCADE"), index=True
+    )
+    source: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(255))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    # Stale-update guard for syncs: the newest source timestamp/version applied so far.
+    source_updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    source_version: Mapped[int | None] = mapped_column(BigInteger)
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    customer: Mapped[Customer] = relationship(back_populates="external_references")
+
+
+class CardTemplate(TimestampMixin, Base):
+    """A loyalty card design (Leal's *card*)."""
+
+    __tablename__ = "cards"
+    __table_args__ = (
+        CheckConstraint("stamps_required BETWEEN 1 AND 18", name="stamps_required"),
+        CheckConstraint(
+            "initial_stamps >= 0 AND initial_stamps < stamps_required", name="initial_stamps"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    stamps_required: Mapped[int] = mapped_column(SmallInteger)
+    initial_stamps: Mapped[int] = mapped_column(SmallInteger, default=0)
+    archived_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class Reward(TimestampMixin, Base):
+    __tablename__ = "rewards"
+    __table_args__ = (CheckConstraint("stamps >= 1", name="stamps_positive"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"), index=True)
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    stamps: Mapped[int] = mapped_column(SmallInteger)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class CustomerCard(TimestampMixin, Base):
+    """A customer's instance of a card template; `stamps` always equals the ledger sum."""
+
+    __tablename__ = "customer_cards"
+    __table_args__ = (
+        # One card of each template per customer: enrolling twice is a no-op, not a second card.
+        UniqueConstraint("customer_id", "card_id"),
+        UniqueConstraint("store_id", "code"),
+        UniqueConstraint("pass_token"),
+        CheckConstraint("stamps >= 0", name="stamps_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="RESTRICT"), index=True)
+    stamps: Mapped[int] = mapped_column(Integer, default=0)
+    code: Mapped[str] = mapped_column(String(32))
+    pass_token: Mapped[str] = mapped_column(String(64))
+    wallet_pass_installed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    customer: Mapped[Customer] = relationship(back_populates="customer_cards")
+    card: Mapped[CardTemplate] = relationship(lazy="joined")
+
+
+class StampLedgerEntry(Base):
+    """Every change of a card balance. Append-only."""
+
+    __tablename__ = "stamp_ledger"
+    __table_args__ = (
+        # A source order, refund or API retry applies once: the key is the idempotency guard.
+        UniqueConstraint("store_id", "idempotency_key"),
+        CheckConstraint("delta <> 0", name="delta_non_zero"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    customer_card_id: Mapped[int] = mapped_column(
+        ForeignKey("customer_cards.id", ondelete="CASCADE"), index=True
+    )
+    delta: Mapped[int] = mapped_column(Integer)
+    balance_after: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(32))
+    reward_id: Mapped[int | None] = mapped_column(ForeignKey("rewards.id", ondelete="SET NULL"))
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class OutboxMessage(Base):
+    """A side effect to deliver after commit (card links, pass updates, pushes)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        # Each delivery happens once per key, however often the producing code runs.
+        UniqueConstraint("idempotency_key"),
+        Index("ix_outbox_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class IdempotentRequest(Base):
+    """A response remembered for an `Idempotency-Key` (per store, 24 h)."""
+
+    __tablename__ = "idempotent_requests"
+    __table_args__ = (
+        # Concurrent retries with one key serialise on this constraint (see api/idempotency.py).
+        UniqueConstraint("store_id", "key"),
+        Index("ix_idempotent_requests_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    response_body: Mapped[Any] = mapped_column(JSONType, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+__all__ = [
+    "ApiToken",
+    "Base",
+    "CardTemplate",
+    "Customer",
+    "CustomerCard",
+    "ExternalReference",
+    "IdempotentRequest",
+    "OutboxMessage",
+    "Reward",
+    "StampLedgerEntry",
+    "Store",
+    "utcnow",
+]

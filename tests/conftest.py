@@ -1,0 +1,137 @@
+"""Shared fixtures: every store/API test runs on SQLite and on PostgreSQL.
+
+- `db_url`: parametrized over `sqlite` and `postgresql`. PostgreSQL comes from `TEST_POSTGRES_URL`;
+  without it the PostgreSQL variants are skipped locally and fail under CI (`CI=true`).
+- `engine`: a migrated, empty database for the test (SQLite: a fresh copy of a migrated template
+  file; PostgreSQL: one database per test process, emptied after each test).
+- `session`: a Session on that engine (the test commits what it wants to be visible).
+- `make_store`: creates a store and returns `(store_id, api_token)`.
+- `client`: a `TestClient` of the real app bound to the test database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from models.db import make_engine, make_sessionmaker, normalise_url
+from models.migrate import upgrade
+from models.tables import Base
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _worker_suffix() -> str:
+    return f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def _postgres_database() -> Iterator[str]:
+    base = os.environ.get("TEST_POSTGRES_URL")
+    if not base:
+        if os.environ.get("CI") == "true":
+            pytest.fail("TEST_POSTGRES_URL must be set under CI: the store is tested on PostgreSQL")
+        pytest.skip("TEST_POSTGRES_URL is not set")
+    admin_url = normalise_url(base)
+    name = f"loyalty_test_{_worker_suffix()}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin_url.set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        if request.node.get_closest_marker("postgres_only"):
+            pytest.skip("PostgreSQL only")
+        template: Path = request.getfixturevalue("_sqlite_template")
+        path = tmp_path / "store.db"
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+    return str(request.getfixturevalue("_postgres_database"))
+
+
+def _empty_postgres(engine: Engine) -> None:
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url, pool_size=20)
+    yield eng
+    if eng.dialect.name == "postgresql":
+        _empty_postgres(eng)
+    eng.dispose()
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    with make_sessionmaker(engine)() as s:
+        yield s
+
+
+@pytest.fixture
+def make_store(engine: Engine) -> Callable[..., tuple[int, str]]:
+    from models.accounts import create_store
+
+    def _make(name: str | None = None, country: str = "US") -> tuple[int, str]:
+        with make_sessionmaker(engine)() as s:
+            store, token = create_store(
+                s, name=name or f"Store {uuid.uuid4().hex[:6]}", country=country
+            )
+            s.commit()
+            return store.id, token
+
+    return _make
+
+
+@pytest.fixture
+def app_settings(db_url: str):  # type: ignore[no-untyped-def]
+    from worker.settings import Settings
+
+    return Settings(
+        DATABASE_URL=db_url, WALLET_BASE_URL="https://wallet.example.com", LOG_FORMAT="json"
+    )
+
+
+@pytest.fixture
+def client(app_settings, engine: Engine):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    app = create_app(app_settings, engine=engine)
+    with TestClient(app) as c:
+        yield c
+
+
+def is_postgres(url: str) -> bool:
+    return make_url(url).get_backend_name() == "postgresql"

@@ -1,0 +1,32 @@
+"""Runtime configuration, read only at the edges (app factory, CLI, Celery app).
+
+Nothing below the edges reads the environment: they receive explicit arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///./var/loyalty.db"
+
+
+class Settings(BaseSettings):
+    """Environment variables (and `.env`) of the service."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    database_url: str = Field(default=DEFAULT_DATABASE_URL, alias="DATABASE_URL")
+    wallet_base_url: str = Field(default="http://127.0.0.1:8000", alias="WALLET_BASE_URL")
+    log_format: Literal["json", "console"] = Field(default="json", alias="LOG_FORMAT")
+    log_level: str = Field(default="INFO", alias="LOG_LEVEL")
+    api_host: str = Field(default="127.0.0.1", alias="API_HOST")
+    api_port: int = Field(default=8000, alias="API_PORT", ge=1, le=65535)
+    db_pool_size: int = Field(default=10, alias="DB_POOL_SIZE", ge=1)
+
+    @field_validator("wallet_base_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
