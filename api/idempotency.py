@@ -31,7 +31,7 @@ MAX_KEY_LENGTH = 255
 @dataclass(slots=True)
 class Replay:
     status_code: int
-    body: Any
+    body: str  # the JSON text of the first response, replayed byte for byte
 
 
 def fingerprint(method: str, path: str, body: Any) -> str:
@@ -78,12 +78,12 @@ def claim(session: Session, *, store_id: int, key: str, request_fingerprint: str
         raise ValidationFailed.single(
             "idempotency_key", "was already used with a different request"
         )
-    if row.status_code is None:  # pragma: no cover - only visible under READ UNCOMMITTED
+    if row.status_code is None or row.response_body is None:  # pragma: no cover - not committed
         raise ApiError(409, "a request with this Idempotency-Key is in progress")
     return Replay(status_code=row.status_code, body=row.response_body)
 
 
-def remember(session: Session, *, store_id: int, key: str, status_code: int, body: Any) -> None:
+def remember(session: Session, *, store_id: int, key: str, status_code: int, body: str) -> None:
     session.execute(
         update(IdempotentRequest)
         .where(IdempotentRequest.store_id == store_id, IdempotentRequest.key == key)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 from sqlalchemy.orm import Session
 
 from models.cards import card_status, redeemable_rewards, wallet_urls
 from models.customers import CustomerFields, ReferenceInput
-from models.normalize import Birthday
+from models.normalize import Birthday, FieldError, check_metadata
 from models.tables import CardTemplate, Customer, CustomerCard, ExternalReference, Reward
 
 
@@ -18,10 +19,32 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _not_bool(value: Any) -> Any:
+    # Lax pydantic reads `true` as 1: `"card_id": true` would enrol into card 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+def _storable_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    # Checked here, not only in models/: a body nested too deeply cannot even be dumped
+    # (the Idempotency-Key fingerprint), and NaN cannot be rendered back as JSON.
+    if value is not None:
+        try:
+            check_metadata(value)
+        except FieldError as exc:
+            raise PydanticCustomError("metadata", str(exc)) from None
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Metadata = Annotated[dict[str, Any] | None, AfterValidator(_storable_metadata)]
+
+
 class ReferenceIn(_In):
     source: str = Field(description="Lowercase slug of the foreign system, e.g. `shopify`")
     external_id: str | int = Field(description="The foreign system's id of this customer")
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata = None
 
 
 class CustomerIn(_In):
@@ -30,7 +53,7 @@ class CustomerIn(_In):
     email: str | None = None
     phone: str | None = None
     birthday: str | None = Field(default=None, description="YYYY-MM-DD, or --MM-DD without a year")
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata = None
     external_references: list[ReferenceIn] | None = None
 
     def fields(self) -> CustomerFields:
@@ -47,7 +70,7 @@ class CustomerIn(_In):
 
 class CreateCustomerIn(_In):
     customer: CustomerIn
-    card_id: int | None = None
+    card_id: Int | None = None
     send_card_links: bool = False
 
 
@@ -56,12 +79,16 @@ class UpdateCustomerIn(_In):
 
 
 class StampIn(_In):
-    stamps: int
+    # The range is enforced by models.cards.add_stamps (one message for every caller); here it
+    # is only documented, so that the OpenAPI spec tells clients what is accepted.
+    stamps: Int = Field(
+        description="Number of stamps to add", json_schema_extra={"minimum": 1, "maximum": 1000}
+    )
     skip_notifications: bool = False
 
 
 class RedeemIn(_In):
-    reward_id: int
+    reward_id: Int
     skip_notifications: bool = False
 
 

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, tuple_, union
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from models.errors import ErrorBag, NotFound, ValidationFailed
 from models.normalize import (
@@ -20,13 +20,14 @@ from models.normalize import (
     check_external_id,
     check_metadata,
     check_source,
+    check_text,
     merge_metadata,
     normalise_email,
     normalise_phone,
     parse_birthday,
     phone_digits,
 )
-from models.tables import Customer, CustomerCard, ExternalReference, Store
+from models.tables import Customer, CustomerCard, ExternalReference, Store, is_valid_id
 
 
 class _Unset:
@@ -124,7 +125,10 @@ def _normalise(fields: CustomerFields, *, region: str, bag: ErrorBag) -> _Normal
         elif len(raw.strip()) > NAME_MAX:
             bag.add(name, f"is too long (maximum is {NAME_MAX} characters)")
         else:
-            values[name] = raw.strip()
+            try:
+                values[name] = check_text(raw.strip())
+            except FieldError as exc:
+                bag.add(name, str(exc))
     for name, fn in (
         ("email", normalise_email),
         ("phone", lambda v: normalise_phone(v, region)),
@@ -180,9 +184,10 @@ def _apply(customer: Customer, norm: _Normalised, bag: ErrorBag) -> None:
 
 
 def _check_required(customer: Customer, bag: ErrorBag) -> None:
-    if not customer.first_name:
+    # A field already rejected as invalid is not also reported as missing.
+    if not customer.first_name and "first_name" not in bag.errors:
         bag.add("first_name", "can't be blank")
-    if not customer.email and not customer.phone:
+    if not customer.email and not customer.phone and not {"email", "phone"} & bag.errors.keys():
         bag.add("base", "email or phone is required")
 
 
@@ -195,7 +200,9 @@ def _check_unique(session: Session, customer: Customer, bag: ErrorBag) -> None:
         query = select(Customer.id).where(Customer.store_id == customer.store_id, column == value)
         if customer.id is not None:
             query = query.where(Customer.id != customer.id)
-        if session.scalar(query.limit(1)) is not None:
+        with session.no_autoflush:  # flushing the value being checked would fail, not tell
+            taken = session.scalar(query.limit(1)) is not None
+        if taken:
             bag.add(name, "has already been taken")
 
 
@@ -207,6 +214,8 @@ def _store(session: Session, store_id: int) -> Store:
 
 
 def get_customer(session: Session, *, store_id: int, customer_id: int) -> Customer:
+    if not is_valid_id(customer_id):  # e.g. 10**30 from a URL: no such row, not a DB error
+        raise NotFound("Customer")
     customer = session.scalar(
         select(Customer).where(Customer.store_id == store_id, Customer.id == customer_id)
     )
@@ -261,17 +270,11 @@ def _upsert_references(
             bag.add("external_references", f"{ref.source}/{ref.external_id}: metadata {exc}")
 
 
-def _flush_or_explain(session: Session, customer: Customer) -> None:
-    """Flush; a unique violation raced in by a concurrent writer becomes a 422 naming the field."""
-    try:
-        with session.begin_nested():
-            session.flush()
-    except IntegrityError:
-        bag = ErrorBag()
-        _check_unique(session, customer, bag)
-        if not bag:
-            raise
-        bag.raise_if_any()
+def _explain_conflict(session: Session, wanted: Customer) -> None:
+    """A unique violation raced in by a concurrent writer becomes a 422 naming the field."""
+    bag = ErrorBag()
+    _check_unique(session, wanted, bag)
+    bag.raise_if_any()
 
 
 @dataclass(slots=True)
@@ -321,6 +324,13 @@ def create_customer(
         _apply(customer, norm, bag)
         _check_required(customer, bag)
         _check_unique(session, customer, bag)
+        # A concurrent create with our references may have committed since we looked.
+        if (
+            bag
+            and attempt < 2
+            and customers_for_references(session, store_id=store_id, references=references)
+        ):
+            continue
         bag.raise_if_any()
         try:
             # A savepoint, so that losing a race on a reference (a concurrent create with the
@@ -328,14 +338,18 @@ def create_customer(
             with session.begin_nested():
                 session.add(customer)
                 _upsert_references(session, customer, references, {}, bag)
+                bag.raise_if_any()  # inside the savepoint: a rejected create leaves no rows
                 session.flush()
         except IntegrityError:
             # The savepoint's rollback expunged the pending rows; look again from scratch.
             if attempt == 2:
                 raise
-            bag = ErrorBag()
-            _check_unique(session, customer, bag)
-            bag.raise_if_any()
+            # If the winner created our references, retry as an upsert on its customer (even
+            # when our insert failed on its email/phone first); otherwise name the taken field.
+            if not customers_for_references(session, store_id=store_id, references=references):
+                bag = ErrorBag()
+                _check_unique(session, customer, bag)
+                bag.raise_if_any()
             continue
         bag.raise_if_any()
         return UpsertResult(customer=customer, created=True)
@@ -357,13 +371,35 @@ def update_customer(
     if fields.first_name is not UNSET and norm.values.get("first_name", "") is None:
         bag.add("first_name", "can't be blank")
     bag.raise_if_any()
-    _apply(customer, norm, bag)
-    _check_required(customer, bag)
-    _check_unique(session, customer, bag)
-    existing = customers_for_references(session, store_id=store_id, references=references)
-    _upsert_references(session, customer, references, existing, bag)
-    bag.raise_if_any()
-    _flush_or_explain(session, customer)
+    # The changes are made inside a savepoint (`begin_nested` flushes what is already pending
+    # *before* it opens one): an invalid update or a unique violation raced in by a concurrent
+    # writer rolls back to here, leaving the customer and the transaction as they were.
+    wanted = Customer(  # the email/phone asked for, to name them after a rollback
+        id=customer.id,
+        store_id=store_id,
+        email=norm.values.get("email", customer.email),
+        phone=norm.values.get("phone", customer.phone),
+    )
+    savepoint = session.begin_nested()
+    try:
+        # No autoflush while checking: a query would flush the unchecked changes (e.g. a taken
+        # email) and fail with an IntegrityError instead of naming the field.
+        with session.no_autoflush:
+            _apply(customer, norm, bag)
+            _check_required(customer, bag)
+            _check_unique(session, customer, bag)
+            existing = customers_for_references(session, store_id=store_id, references=references)
+            _upsert_references(session, customer, references, existing, bag)
+        bag.raise_if_any()
+        session.flush()
+    except IntegrityError:
+        savepoint.rollback()
+        _explain_conflict(session, wanted)
+        raise
+    except BaseException:
+        savepoint.rollback()
+        raise
+    savepoint.commit()
     return customer
 
 
@@ -385,23 +421,35 @@ def _like_pattern(text: str) -> str:
 
 
 def _search_ids(store_id: int, term: str) -> Any:
-    """Ids of customers matching `term`, as one UNION subquery (each arm uses its own index)."""
+    """Ids of live customers matching `term`, as one UNION (each arm uses its own index).
+
+    Every arm applies the store and liveness filter itself, so the result needs no second pass
+    over `customers` (which the planner may do as a sequential scan for large match sets).
+    """
     lowered = term.strip().lower()
     text_match: ColumnElement[bool] = Customer.search_text.like(_like_pattern(lowered), escape="\\")
     digits = phone_digits(term)
-    if digits and len(digits) >= 3 and not any(ch.isalpha() for ch in term):
+    if digits and len(digits) >= 3 and digits != lowered and not any(ch.isalpha() for ch in term):
         text_match = or_(text_match, Customer.search_text.like(_like_pattern(digits), escape="\\"))
+    live = and_(Customer.store_id == store_id, Customer.state != "merged")
     arms = [
-        select(Customer.id.label("id")).where(Customer.store_id == store_id, text_match),
-        select(CustomerCard.customer_id.label("id")).where(
-            CustomerCard.store_id == store_id, CustomerCard.code == term.strip()
-        ),
-        select(ExternalReference.customer_id.label("id")).where(
+        select(Customer.id.label("id")).where(live, text_match),
+        select(CustomerCard.customer_id.label("id"))
+        .join(Customer, Customer.id == CustomerCard.customer_id)
+        .where(CustomerCard.store_id == store_id, CustomerCard.code == term.strip(), live),
+        select(ExternalReference.customer_id.label("id"))
+        .join(Customer, Customer.id == ExternalReference.customer_id)
+        .where(
             ExternalReference.store_id == store_id,
             ExternalReference.external_id == term.strip(),
+            live,
         ),
     ]
-    return union(*arms).subquery()
+    return union(*arms)
+
+
+# A listed customer's references and cards come in the same query (not in one query each).
+_PAGE_LOADS = (joinedload(Customer.external_references), joinedload(Customer.customer_cards))
 
 
 def list_customers(
@@ -415,31 +463,80 @@ def list_customers(
     per_page: int = 20,
 ) -> Page:
     """List live customers, filtered by a search term or an exact external reference."""
-    base = select(Customer.id).where(Customer.store_id == store_id, Customer.state != "merged")
+    for name, value in (("search", search), ("source", source), ("external_id", external_id)):
+        if value is not None:
+            try:
+                check_text(value)
+            except FieldError as exc:
+                raise ValidationFailed.single(name, str(exc)) from None
+    offset = (page - 1) * per_page
     if source is not None or external_id is not None:
         if source is None or external_id is None:
             raise ValidationFailed.single(
                 "source" if source is None else "external_id",
                 "must be given together with " + ("external_id" if source is None else "source"),
             )
-        base = select(ExternalReference.customer_id.label("id")).where(
-            ExternalReference.store_id == store_id,
-            ExternalReference.source == source,
-            ExternalReference.external_id == external_id,
+        # (store, source, external_id) is unique: at most one customer, so a single query
+        # gives both the page and the count.
+        found = (
+            session.execute(
+                select(Customer)
+                .join(ExternalReference, ExternalReference.customer_id == Customer.id)
+                .where(
+                    ExternalReference.store_id == store_id,
+                    ExternalReference.source == source,
+                    ExternalReference.external_id == external_id,
+                )
+                .options(*_PAGE_LOADS)
+            )
+            .unique()
+            .scalars()
+            .all()
         )
-    elif search is not None and search.strip():
-        ids = _search_ids(store_id, search)
-        base = base.where(Customer.id.in_(select(ids.c.id)))
-    id_query = base.subquery()
-    total = int(session.scalar(select(func.count()).select_from(id_query)) or 0)
-    rows = session.scalars(
-        select(Customer)
-        .where(Customer.id.in_(select(id_query.c.id)))
-        .order_by(Customer.id)
-        .offset((page - 1) * per_page)
+        items = list(found[offset : offset + per_page])
+        return Page(items=items, page=page, per_page=per_page, total_count=len(found))
+    if search is None or not search.strip():
+        id_query = (
+            select(Customer.id)
+            .where(Customer.store_id == store_id, Customer.state != "merged")
+            .subquery()
+        )
+        total = int(session.scalar(select(func.count()).select_from(id_query)) or 0)
+        rows = session.scalars(
+            select(Customer)
+            .where(Customer.id.in_(select(id_query.c.id)))
+            .order_by(Customer.id)
+            .offset(offset)
+            .limit(per_page)
+        ).all()
+        return Page(items=list(rows), page=page, per_page=per_page, total_count=total)
+    # A search is one query: the page of matching ids with the count of all matches (a window
+    # over the match set, computed once), joined to their customers.
+    ids = _search_ids(store_id, search).subquery()
+    page_ids = (
+        select(ids.c.id, func.count().over().label("total"))
+        .order_by(ids.c.id)
+        .offset(offset)
         .limit(per_page)
-    ).all()
-    return Page(items=list(rows), page=page, per_page=per_page, total_count=total)
+        .subquery()
+    )
+    result = (
+        session.execute(
+            select(Customer, page_ids.c.total)
+            .join(page_ids, Customer.id == page_ids.c.id)
+            .options(*_PAGE_LOADS)
+            .order_by(Customer.id)
+        )
+        .unique()
+        .all()
+    )
+    if result:
+        total = int(result[0].total)
+    elif page == 1:
+        total = 0
+    else:  # past the last page: the window had no row to report the count on
+        total = int(session.scalar(select(func.count()).select_from(ids)) or 0)
+    return Page(items=[row[0] for row in result], page=page, per_page=per_page, total_count=total)
 
 
 def find_by_reference(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ METADATA_MAX_BYTES = 16 * 1024
 SOURCE_SLUG = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 EXTERNAL_ID_MAX = 255
 NAME_MAX = 200
+METADATA_MAX_DEPTH = 32
 
 
 class FieldError(ValueError):
@@ -99,10 +101,45 @@ def parse_birthday(raw: str, *, today: dt.date | None = None) -> Birthday:
     return Birthday(month=month, day=day, year=year)
 
 
+def check_text(value: str) -> str:
+    """Text both databases can store: PostgreSQL rejects NUL, and lone surrogates are no UTF-8."""
+    if "\x00" in value:
+        raise FieldError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FieldError("must be valid Unicode text") from None
+    return value
+
+
 def check_metadata(value: Any, *, field: str = "metadata") -> dict[str, Any]:
-    """A metadata patch must be a JSON object."""
+    """A metadata patch must be a JSON object the databases can store and we can render back.
+
+    Walked iteratively (no recursion limit to hit): strings and keys go through `check_text`,
+    numbers must be finite (JSON has no NaN/Infinity), nesting is capped.
+    """
     if not isinstance(value, Mapping):
         raise FieldError("must be a JSON object")
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: list[Any] = list(item.values())
+            for key in item:
+                if not isinstance(key, str):
+                    raise FieldError("keys must be strings")
+                check_text(key)
+        elif isinstance(item, list | tuple):
+            children = list(item)
+        else:
+            if isinstance(item, str):
+                check_text(item)
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise FieldError("must not contain NaN or Infinity")
+            continue
+        if children and depth >= METADATA_MAX_DEPTH:
+            raise FieldError(f"is nested too deeply (maximum depth is {METADATA_MAX_DEPTH})")
+        stack.extend((child, depth + 1) for child in children)
     return dict(value)
 
 
@@ -121,7 +158,8 @@ def merge_metadata(existing: Mapping[str, Any] | None, patch: Mapping[str, Any])
 
 
 def check_source(value: Any) -> str:
-    if not isinstance(value, str) or not SOURCE_SLUG.match(value):
+    # fullmatch: `$` alone would also accept a trailing newline ("shopify\n").
+    if not isinstance(value, str) or not SOURCE_SLUG.fullmatch(value):
         raise FieldError(
             "source must be a lowercase slug (a letter, then up to 31 letters, digits or _)"
         )
@@ -137,6 +175,10 @@ def check_external_id(value: Any) -> str:
         raise FieldError("external_id must be a non-empty string")
     if len(value) > EXTERNAL_ID_MAX:
         raise FieldError(f"external_id is too long (maximum is {EXTERNAL_ID_MAX} characters)")
+    try:
+        check_text(value)
+    except FieldError as exc:
+        raise FieldError(f"external_id {exc}") from None
     return value.strip()
 
 

@@ -40,6 +40,12 @@ NAMING_CONVENTION = {
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+MAX_ID = 2**63 - 1  # both backends' 64-bit signed integer
+
+
+def is_valid_id(value: int) -> bool:
+    """Whether `value` can be an id at all; larger numbers overflow the driver, not just miss."""
+    return 1 <= value <= MAX_ID
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -292,7 +298,9 @@ class IdempotentRequest(Base):
     key: Mapped[str] = mapped_column(String(255))
     fingerprint: Mapped[str] = mapped_column(String(64))
     status_code: Mapped[int | None] = mapped_column(SmallInteger)
-    response_body: Mapped[Any] = mapped_column(JSONType, nullable=True)
+    # The exact bytes first sent (as text): a replay must be byte-identical, and JSONB would
+    # reorder keys.
+    response_body: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -308,5 +316,6 @@ __all__ = [
     "Reward",
     "StampLedgerEntry",
     "Store",
+    "is_valid_id",
     "utcnow",
 ]

@@ -78,9 +78,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def _empty_postgres(engine: Engine) -> None:
-    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    # DELETE (children first) is much faster than TRUNCATE on tables this small: TRUNCATE
+    # rewrites every table's files, ~0.15 s a test. Ids are not reset; no test relies on them.
     with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
 
 
 @pytest.fixture

@@ -15,7 +15,18 @@ import structlog
 
 _SECRET_KEYS = re.compile(r"(token|secret|password|authorization|api_key|access_key)", re.I)
 _EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
-_PHONE = re.compile(r"\+?\d[\d\s().-]{6,}\d")
+# A value that is a phone number as a whole (`+1 (212) 555-4240`, `2125554240`), and phone
+# numbers written in international form inside text (`call +44 20 7946 0958`). Digit runs in
+# other text (paths with ids, request ids, timestamps) are left alone.
+_WHOLE_PHONE = re.compile(r"\s*\+?[\d\s().-]+\s*")
+_INLINE_PHONE = re.compile(r"\+\d[\d\s().-]{6,}\d")
+_MIN_PHONE_DIGITS = 7
+# Under these keys a bare digit string is a phone number; elsewhere it is an id.
+_PHONE_KEYS = re.compile(r"(phone|mobile|sms|msisdn|tel)", re.I)
+
+
+def _digits(text: str) -> str:
+    return re.sub(r"\D", "", text)
 
 
 def mask_email(value: str) -> str:
@@ -23,40 +34,52 @@ def mask_email(value: str) -> str:
     return _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", value)
 
 
-def mask_phone(value: str) -> str:
-    """Keep only the last two digits of anything that looks like a phone number."""
+def mask_phone(value: str, *, phone_field: bool = False) -> str:
+    """Keep only the last two digits of a phone number.
 
-    def _mask(match: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", match.group(0))
-        return f"***{digits[-2:]}"
+    A whole value counts when it is written like a phone (`+…` or with separators) or sits under
+    a phone key; inside other text only the international `+…` form is recognised.
+    """
+    stripped = value.strip()
+    looks_formatted = stripped.startswith("+") or not stripped.isdigit()
+    if (
+        (phone_field or looks_formatted)
+        and _WHOLE_PHONE.fullmatch(value)
+        and len(_digits(value)) >= _MIN_PHONE_DIGITS
+    ):
+        return f"***{_digits(value)[-2:]}"
+    return _INLINE_PHONE.sub(lambda m: f"***{_digits(m.group(0))[-2:]}", value)
 
-    return _PHONE.sub(_mask, value)
 
-
-def _scrub(value: Any) -> Any:
+def _scrub(value: Any, *, phone_field: bool = False) -> Any:
     if isinstance(value, str):
-        return mask_phone(mask_email(value))
+        return mask_phone(mask_email(value), phone_field=phone_field)
     if isinstance(value, dict):
         return {
-            k: ("[redacted]" if _SECRET_KEYS.search(str(k)) else _scrub(v))
+            k: (
+                "[redacted]"
+                if _SECRET_KEYS.search(str(k))
+                else _scrub(v, phone_field=bool(_PHONE_KEYS.search(str(k))))
+            )
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return [_scrub(v) for v in value]
+        return [_scrub(v, phone_field=phone_field) for v in value]
     return value
 
 
 def redact_processor(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """Drop secret-looking keys and mask emails/phones in every value."""
+    """Drop secret-looking keys; mask emails and phone numbers in every value and the message."""
     for key in list(event_dict):
-        if key == "event":
+        # A request id is ours (or checked by the middleware) and must stay greppable.
+        if key == "request_id":
             continue
-        if _SECRET_KEYS.search(key):
+        if key != "event" and _SECRET_KEYS.search(key):
             event_dict[key] = "[redacted]"
         else:
-            event_dict[key] = _scrub(event_dict[key])
+            event_dict[key] = _scrub(event_dict[key], phone_field=bool(_PHONE_KEYS.search(key)))
     return event_dict
 
 
@@ -68,8 +91,8 @@ def configure_logging(*, log_format: str = "json", level: str = "INFO") -> None:
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        redact_processor,  # before the timestamp, which would otherwise look like a phone number
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact_processor,
     ]
     renderer: Any
     if log_format == "console":

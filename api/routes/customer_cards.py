@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import SessionDep, StoreDep, WalletDep
 from api.routes.customers import ERRORS, IdempotencyKey, _with_key, finish
@@ -36,7 +36,7 @@ CARD_ERRORS = {
 )
 def list_customer_cards(
     store_id: StoreDep, customer_id: int, session: SessionDep, wallet: WalletDep
-) -> JSONResponse:
+) -> Response:
     customer = customer_ops.get_customer(session, store_id=store_id, customer_id=customer_id)
     return JSONResponse(
         [render_customer_card(cc, wallet_base_url=wallet) for cc in customer.customer_cards]
@@ -50,7 +50,7 @@ def list_customer_cards(
 )
 def show_customer_card(
     store_id: StoreDep, customer_id: int, card_id: int, session: SessionDep, wallet: WalletDep
-) -> JSONResponse:
+) -> Response:
     cc = card_ops.get_customer_card(
         session, store_id=store_id, customer_id=customer_id, customer_card_id=card_id
     )
@@ -71,7 +71,7 @@ def stamp(
     session: SessionDep,
     wallet: WalletDep,
     idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+) -> Response:
     """Add stamps (a ledger entry; pass update + push queued unless `skip_notifications`)."""
     if replay := _with_key(
         session,
@@ -84,11 +84,13 @@ def stamp(
     cc = card_ops.get_customer_card(
         session, store_id=store_id, customer_id=customer_id, customer_card_id=card_id
     )
+    # The ledger key is not derived from the header: the key row claimed above (same
+    # transaction) already makes a retry a replay, and after 24 h the key must apply again
+    # rather than silently match the old ledger row.
     card_ops.add_stamps(
         session,
         customer_card=cc,
         stamps=payload.stamps,
-        idempotency_key=f"api:idempotency:{idempotency_key}" if idempotency_key else None,
         skip_notifications=payload.skip_notifications,
     )
     return finish(
@@ -114,7 +116,7 @@ def redeem(
     session: SessionDep,
     wallet: WalletDep,
     idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+) -> Response:
     """Redeem a reward: deducts its cost; 422 when the balance is short or the reward inactive."""
     if replay := _with_key(
         session,
@@ -131,8 +133,7 @@ def redeem(
         session,
         customer_card=cc,
         reward_id=payload.reward_id,
-        idempotency_key=f"api:idempotency:{idempotency_key}" if idempotency_key else None,
-        skip_notifications=payload.skip_notifications,
+        skip_notifications=payload.skip_notifications,  # ledger key: see `stamp`
     )
     return finish(
         session,
@@ -150,7 +151,7 @@ def list_cards(
     scope: Annotated[
         card_ops.Scope, Query(description="active (default), archived or all")
     ] = "active",
-) -> JSONResponse:
+) -> Response:
     cards = card_ops.list_cards(session, store_id=store_id, scope=scope)
     from sqlalchemy import select
 

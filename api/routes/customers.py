@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 
 from api import idempotency
@@ -72,9 +72,12 @@ def show_customer(
     return JSONResponse(render_customer(customer, wallet_base_url=wallet))
 
 
-def _replayed(replay: idempotency.Replay) -> JSONResponse:
-    return JSONResponse(
-        replay.body, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"}
+def _replayed(replay: idempotency.Replay) -> Response:
+    return Response(
+        replay.body,
+        status_code=replay.status_code,
+        media_type="application/json",
+        headers={"Idempotent-Replayed": "true"},
     )
 
 
@@ -85,7 +88,7 @@ def _with_key(
     key: str | None,
     request: Request,
     body: Any,
-) -> JSONResponse | None:
+) -> Response | None:
     if key is None:
         return None
     replay = idempotency.claim(
@@ -101,12 +104,17 @@ def finish(
     session: Session, *, store_id: int, key: str | None, status_code: int, body: Any
 ) -> JSONResponse:
     """Remember the response for the key (same transaction), commit, answer."""
+    response = JSONResponse(body, status_code=status_code)
     if key is not None:
         idempotency.remember(
-            session, store_id=store_id, key=key, status_code=status_code, body=body
+            session,
+            store_id=store_id,
+            key=key,
+            status_code=status_code,
+            body=bytes(response.body).decode(),
         )
     session.commit()
-    return JSONResponse(body, status_code=status_code)
+    return response
 
 
 @router.post(
@@ -122,7 +130,7 @@ def create_customer(
     session: SessionDep,
     wallet: WalletDep,
     idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+) -> Response:
     """Create a customer; with references that already exist, update their customer (200)."""
     if replay := _with_key(
         session,

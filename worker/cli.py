@@ -1,0 +1,400 @@
+"""`loyalty-sync`: the operator CLI (an edge: builds the settings, opens sessions, commits).
+
+Results are one JSON document on stdout; human messages and logs go to stderr. A failing command
+exits 1 (2 for usage errors) with a one-line message, never a traceback. Each command is one
+transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from models.db import make_engine, make_sessionmaker, normalise_url
+from models.errors import NotFound, StoreError
+from worker.settings import Settings
+
+# --- plumbing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CliState:
+    settings: Settings
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def fail(message: str, *, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {_one_line(message)}", err=True)
+    raise typer.Exit(code)
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return normalise_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable DATABASE_URL>"
+
+
+def _database_message(exc: SQLAlchemyError, url: str) -> str:
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    detail = lines[0] if lines else type(exc).__name__
+    message = f"database error: {detail} ({_safe_url(url)})"
+    if "no such table" in detail or ('relation "' in detail and "does not exist" in detail):
+        message += "; is the database migrated? run `loyalty-sync db upgrade`"
+    return message
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    state = ctx.find_object(CliState)
+    assert state is not None, "the root callback sets the state"
+    return state.settings
+
+
+def emit(result: Any) -> None:
+    """The command's result: one JSON document on stdout."""
+    typer.echo(json.dumps(result))
+
+
+def say(message: str) -> None:
+    """A message for the human at the terminal (stderr, so stdout stays parseable)."""
+    typer.echo(message, err=True)
+
+
+@contextmanager
+def database(ctx: typer.Context) -> Iterator[Engine]:
+    """An engine for one command; the errors a command meets on purpose become exit 1."""
+    settings = _settings(ctx)
+    try:
+        engine = make_engine(settings.database_url, pool_size=1)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+    except StoreError as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        fail(_database_message(exc, settings.database_url))
+
+
+@contextmanager
+def transaction(ctx: typer.Context) -> Iterator[Session]:
+    """One command = one session = one transaction, committed when the block succeeds."""
+    with database(ctx) as engine, make_sessionmaker(engine)() as session:
+        yield session
+        session.commit()
+
+
+# --- the application --------------------------------------------------------------------------
+
+app = typer.Typer(
+    help="loyalty-sync: stamp-card loyalty store, its REST API and (later) the sync worker.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+store_app = typer.Typer(help="Stores (API accounts).", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens of a store.", no_args_is_help=True)
+card_app = typer.Typer(help="Card templates.", no_args_is_help=True)
+reward_app = typer.Typer(help="Rewards of a card.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(store_app, name="store")
+app.add_typer(token_app, name="token")
+app.add_typer(card_app, name="card")
+app.add_typer(reward_app, name="reward")
+
+
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    """Configuration comes from the environment (and `.env`): DATABASE_URL, LOG_FORMAT, ..."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        fail(f"invalid configuration: {problems}")
+    from worker.logging import configure_logging
+
+    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    ctx.obj = CliState(settings=settings)
+
+
+# --- db ---------------------------------------------------------------------------------------
+
+
+def migrate(engine: Engine) -> str:
+    """Upgrade to the newest revision; returns the revision the database is at."""
+    # Alembic announces each of its plugins at INFO when imported: noise in an operator's terminal.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    from alembic.runtime.migration import MigrationContext
+
+    from models.migrate import upgrade
+
+    upgrade(engine)
+    with engine.connect() as conn:
+        revision = MigrationContext.configure(conn).get_current_revision()
+    assert revision is not None
+    return revision
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Create or upgrade the schema (creates ./var/ for the default SQLite database)."""
+    settings = _settings(ctx)
+    with database(ctx) as engine:
+        revision = migrate(engine)
+    say(f"Database {_safe_url(settings.database_url)} is at revision {revision}.")
+    emit({"status": "ok", "revision": revision})
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+HostOption = Annotated[
+    str | None, typer.Option("--host", help="Interface to bind [default: API_HOST or 127.0.0.1]")
+]
+PortOption = Annotated[
+    int | None,
+    typer.Option("--port", min=1, max=65535, help="Port [default: API_PORT or 8000]"),
+]
+
+
+def serve_api(settings: Settings, *, host: str, port: int) -> None:
+    """Serve the REST API in the foreground until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from api.app import create_app
+
+    # uvicorn shuts down gracefully on Ctrl+C, then re-raises the signal: that is no error.
+    with suppress(KeyboardInterrupt):
+        # log_config=None keeps uvicorn on the root logger that configure_logging set up.
+        uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """Something `up` runs until it is stopped."""
+
+    name: str
+    run: Callable[[], None]
+
+
+def run_services(services: Sequence[Service]) -> None:
+    """Run the last service in the foreground (uvicorn wants the main thread for its signal
+    handlers) and the others in daemon threads that end with it."""
+    *background, foreground = services
+    for service in background:
+        threading.Thread(target=service.run, name=service.name, daemon=True).start()
+    foreground.run()
+
+
+@app.command("api")
+def api_command(ctx: typer.Context, host: HostOption = None, port: PortOption = None) -> None:
+    """Serve the REST API (run `loyalty-sync db upgrade` first)."""
+    settings = _settings(ctx)
+    serve_api(settings, host=host or settings.api_host, port=port or settings.api_port)
+
+
+@app.command("up")
+def up(ctx: typer.Context, host: HostOption = None, port: PortOption = None) -> None:
+    """Everything on one machine: migrate the database, then serve the API."""
+    from models.tables import Store
+
+    settings = _settings(ctx)
+    host = host or settings.api_host
+    port = port or settings.api_port
+    with database(ctx) as engine:
+        revision = migrate(engine)
+        with engine.connect() as conn:
+            has_store = conn.scalar(select(Store.id).limit(1)) is not None
+    say(f"Database {_safe_url(settings.database_url)} is at revision {revision}.")
+    if not has_store:
+        say(
+            'No store yet: create one with `loyalty-sync store create --name "My shop"` '
+            "(it prints the store's API token)."
+        )
+    say(f"Serving the API on http://{host}:{port} (docs at /docs). Ctrl+C stops.")
+    # The API for now; the sync worker and beat join this list in a later issue.
+    services = [Service("api", lambda: serve_api(settings, host=host, port=port))]
+    run_services(services)
+
+
+# --- stores and tokens --------------------------------------------------------------------------
+
+
+@store_app.command("create")
+def store_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option("--name", help="Store name")],
+    country: Annotated[
+        str, typer.Option("--country", help="ISO 3166 region for reading national phone numbers")
+    ] = "US",
+) -> None:
+    """Create a store and its first API token (shown once)."""
+    from models.accounts import create_store
+
+    with transaction(ctx) as session:
+        store, token = create_store(session, name=name, country=country)
+        result = {"id": store.id, "name": store.name, "country": store.country, "api_token": token}
+    say(f"Store {store.id} created. Keep the API token: it is not shown again.")
+    emit(result)
+
+
+@store_app.command("list")
+def store_list(ctx: typer.Context) -> None:
+    """List the stores."""
+    from models.tables import Store
+
+    with transaction(ctx) as session:
+        stores = session.scalars(select(Store).order_by(Store.id)).all()
+        result = [{"id": s.id, "name": s.name, "country": s.country} for s in stores]
+    emit(result)
+
+
+@token_app.command("create")
+def token_create(
+    ctx: typer.Context,
+    store: Annotated[int, typer.Option("--store", help="Store id")],
+    name: Annotated[str | None, typer.Option("--name", help="What the token is for")] = None,
+) -> None:
+    """Create another API token for a store (shown once)."""
+    from models.accounts import create_token
+
+    with transaction(ctx) as session:
+        row, token = create_token(session, store_id=store, name=name)
+        result = {"id": row.id, "store_id": row.store_id, "name": row.name, "api_token": token}
+    say(f"Token {row.id} created for store {store}. Keep it: it is not shown again.")
+    emit(result)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    ctx: typer.Context,
+    token: Annotated[str | None, typer.Option("--token", help="The token itself")] = None,
+    token_id: Annotated[int | None, typer.Option("--id", help="The token's id")] = None,
+) -> None:
+    """Revoke a token, given either the token or its id (revoking twice is harmless)."""
+    from models.accounts import revoke_token
+
+    if (token is None) == (token_id is None):
+        fail("give exactly one of --token or --id", code=2)
+    with transaction(ctx) as session:
+        row = revoke_token(session, token=token, token_id=token_id)
+        result = {"id": row.id, "revoked": True}
+    emit(result)
+
+
+# --- cards and rewards --------------------------------------------------------------------------
+
+
+class CardScope(StrEnum):
+    active = "active"
+    archived = "archived"
+    all = "all"
+
+
+@card_app.command("create")
+def card_create(
+    ctx: typer.Context,
+    store: Annotated[int, typer.Option("--store", help="Store id")],
+    name: Annotated[str, typer.Option("--name", help="Card name")],
+    stamps_required: Annotated[
+        int, typer.Option("--stamps-required", help="Stamps to complete the card (1-18)")
+    ],
+    initial_stamps: Annotated[
+        int, typer.Option("--initial-stamps", help="Welcome stamps on enrolment (< required)")
+    ] = 0,
+) -> None:
+    """Create a card template."""
+    from api.schemas import render_card
+    from models.cards import create_card
+
+    with transaction(ctx) as session:
+        card = create_card(
+            session,
+            store_id=store,
+            name=name,
+            stamps_required=stamps_required,
+            initial_stamps=initial_stamps,
+        )
+        result = render_card(card, [])
+    emit(result)
+
+
+@card_app.command("archive")
+def card_archive(
+    ctx: typer.Context, card_id: Annotated[int, typer.Argument(metavar="ID", help="Card id")]
+) -> None:
+    """Archive a card: hidden from `GET /cards` by default, no new enrolments."""
+    from models.cards import archive_card
+
+    with transaction(ctx) as session:
+        card = archive_card(session, card_id=card_id)
+        result = {"id": card.id, "archived": True}
+    emit(result)
+
+
+@card_app.command("list")
+def card_list(
+    ctx: typer.Context,
+    store: Annotated[int, typer.Option("--store", help="Store id")],
+    scope: Annotated[CardScope, typer.Option("--scope", help="Which cards")] = CardScope.active,
+) -> None:
+    """List a store's cards with their rewards (the shape of `GET /cards`)."""
+    from api.schemas import render_card
+    from models.cards import list_cards
+    from models.tables import Reward, Store
+
+    with transaction(ctx) as session:
+        if session.get(Store, store) is None:
+            raise NotFound("Store")
+        cards = list_cards(session, store_id=store, scope=scope.value)
+        rewards = session.scalars(
+            select(Reward).where(Reward.card_id.in_([c.id for c in cards])).order_by(Reward.id)
+        ).all()
+        result = [render_card(c, [r for r in rewards if r.card_id == c.id]) for c in cards]
+    emit(result)
+
+
+@reward_app.command("create")
+def reward_create(
+    ctx: typer.Context,
+    card: Annotated[int, typer.Option("--card", help="Card id")],
+    name: Annotated[str, typer.Option("--name", help="Reward name")],
+    stamps: Annotated[int, typer.Option("--stamps", help="Cost in stamps (1..stamps_required)")],
+    inactive: Annotated[
+        bool, typer.Option("--inactive", help="Create it switched off (not redeemable)")
+    ] = False,
+) -> None:
+    """Create a reward on a card."""
+    from api.schemas import render_reward
+    from models.cards import create_reward
+
+    with transaction(ctx) as session:
+        reward = create_reward(session, card_id=card, name=name, stamps=stamps, active=not inactive)
+        result = {**render_reward(reward), "card_id": reward.card_id}
+    emit(result)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="loyalty-sync")
+
+
+if __name__ == "__main__":
+    main()
