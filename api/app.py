@@ -25,6 +25,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        if read_db is not None:
+            read_db.dispose()
         if owns_engine:
             db.dispose()
 
@@ -40,6 +42,16 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.settings = settings
     app.state.engine = db
     app.state.sessionmaker = make_sessionmaker(db)
+    # Reads (GET/HEAD) on PostgreSQL use a pool of autocommit connections: no BEGIN/ROLLBACK
+    # round trips, and no isolation-level switch on each checkout. SQLite keeps one engine.
+    read_db = (
+        make_engine(db.url, pool_size=settings.db_pool_size, isolation_level="AUTOCOMMIT")
+        if db.dialect.name == "postgresql"
+        else None
+    )
+    app.state.read_sessionmaker = (
+        make_sessionmaker(read_db) if read_db is not None else app.state.sessionmaker
+    )
     errors.install(app)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(customers.router)

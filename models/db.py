@@ -31,7 +31,9 @@ def ensure_sqlite_directory(url: str | URL) -> None:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def make_engine(url: str | URL, *, pool_size: int = 10, echo: bool = False) -> Engine:
+def make_engine(
+    url: str | URL, *, pool_size: int = 10, echo: bool = False, isolation_level: str | None = None
+) -> Engine:
     """Build an engine with the settings each backend needs to be safe under concurrency.
 
     SQLite: WAL (readers never block the writer), a busy timeout, foreign keys on, and
@@ -47,6 +49,8 @@ def make_engine(url: str | URL, *, pool_size: int = 10, echo: bool = False) -> E
         _configure_sqlite(engine)
         return engine
     kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    if isolation_level is not None:
+        kwargs["isolation_level"] = isolation_level
     return create_engine(parsed, **kwargs)
 
 
