@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -111,28 +111,23 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def _name(raw: str) -> str:
+    value = raw.strip()
+    if len(value) > NAME_MAX:
+        raise FieldError(f"is too long (maximum is {NAME_MAX} characters)")
+    return check_text(value)
+
+
 def _normalise(fields: CustomerFields, *, region: str, bag: ErrorBag) -> _Normalised:
     """Validate the fields that were sent; blank strings mean "clear" for optional fields."""
     values: dict[str, Any] = {}
-    for name in ("first_name", "last_name"):
-        raw = getattr(fields, name)
-        if raw is UNSET:
-            continue
-        if _blank(raw):
-            values[name] = None
-        elif not isinstance(raw, str):
-            bag.add(name, "must be a string")
-        elif len(raw.strip()) > NAME_MAX:
-            bag.add(name, f"is too long (maximum is {NAME_MAX} characters)")
-        else:
-            try:
-                values[name] = check_text(raw.strip())
-            except FieldError as exc:
-                bag.add(name, str(exc))
-    for name, fn in (
+    validators: tuple[tuple[str, Callable[[str], str]], ...] = (
+        ("first_name", _name),
+        ("last_name", _name),
         ("email", normalise_email),
         ("phone", lambda v: normalise_phone(v, region)),
-    ):
+    )
+    for name, validate in validators:
         raw = getattr(fields, name)
         if raw is UNSET:
             continue
@@ -142,7 +137,7 @@ def _normalise(fields: CustomerFields, *, region: str, bag: ErrorBag) -> _Normal
             bag.add(name, "must be a string")
         else:
             try:
-                values[name] = fn(raw)
+                values[name] = validate(raw)
             except FieldError as exc:
                 bag.add(name, str(exc))
     if fields.birthday is not UNSET:
