@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     api_host: str = Field(default="127.0.0.1", alias="API_HOST")
     api_port: int = Field(default=8000, alias="API_PORT", ge=1, le=65535)
     db_pool_size: int = Field(default=10, alias="DB_POOL_SIZE", ge=1)
+    # Shared state for workers (rate budgets, locks); in-process equivalents when unset.
+    redis_url: str | None = Field(default=None, alias="REDIS_URL")
+    # Foreign API versions are pinned: payload shapes change between versions.
+    shopify_api_version: str = Field(default="2026-10", alias="SHOPIFY_API_VERSION")
+    square_version: str = Field(default="2026-08-19", alias="SQUARE_VERSION")
 
     @field_validator("wallet_base_url")
     @classmethod
