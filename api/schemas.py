@@ -10,7 +10,7 @@ from pydantic_core import PydanticCustomError
 from sqlalchemy.orm import Session
 
 from models.cards import card_status, redeemable_rewards, wallet_urls
-from models.customers import CustomerFields, ReferenceInput
+from models.customers import CustomerFields
 from models.normalize import Birthday, FieldError, check_metadata
 from models.tables import CardTemplate, Customer, CustomerCard, ExternalReference, Reward
 
@@ -173,12 +173,6 @@ def render_card(card: CardTemplate, rewards: list[Reward]) -> dict[str, Any]:
         "created_at": _ts(card.created_at),
         "updated_at": _ts(card.updated_at),
     }
-
-
-def to_reference_inputs(raw: list[dict[str, Any]]) -> list[ReferenceInput]:
-    from models.customers import parse_references
-
-    return parse_references(raw)
 
 
 # --- response models (documentation of the JSON above, used for the OpenAPI spec) --------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -547,12 +547,4 @@ def find_by_reference(
                 ExternalReference.external_id == external_id,
             )
         )
-    )
-
-
-def customers_by_ids(session: Session, *, store_id: int, ids: Iterable[int]) -> list[Customer]:
-    return list(
-        session.scalars(
-            select(Customer).where(Customer.store_id == store_id, Customer.id.in_(list(ids)))
-        ).all()
     )

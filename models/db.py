@@ -20,10 +20,6 @@ def normalise_url(url: str | URL) -> URL:
     return parsed
 
 
-def is_sqlite(url: str | URL) -> bool:
-    return normalise_url(url).get_backend_name() == "sqlite"
-
-
 def ensure_sqlite_directory(url: str | URL) -> None:
     """Create the directory of a file-based SQLite database (e.g. `./var/`)."""
     parsed = normalise_url(url)
