@@ -1,0 +1,3 @@
+"""Square connector: SearchCustomers pulls, customer mapping, webhook signature checks."""
+
+SOURCE = "square"
