@@ -24,18 +24,25 @@ def map_records(
     map_one: Callable[[Mapping[str, Any]], ForeignCustomer],
     *,
     source: str,
-) -> tuple[ForeignCustomer, ...]:
-    """Map one page's items; an item that can't be mapped is logged and left out, not fatal."""
+) -> tuple[tuple[ForeignCustomer, ...], int]:
+    """Map one page's items → (records, skipped).
+
+    An item that can't be mapped is logged and counted, not fatal: one bad record must not stop
+    a sync of thousands.
+    """
     records: list[ForeignCustomer] = []
+    skipped = 0
     for item in items:
         if not isinstance(item, Mapping):
             log.warning("connector.record.skipped", source=source, reason="not an object")
+            skipped += 1
             continue
         try:
             records.append(map_one(item))
         except SkippableRecord as exc:
             log.warning("connector.record.skipped", source=source, reason=str(exc))
-    return tuple(records)
+            skipped += 1
+    return tuple(records), skipped
 
 
 class CursorPaginator:

@@ -48,13 +48,15 @@ class Page:
     """A page of records and what is needed to ask for the next one.
 
     `cursor` is the opaque position after this page (None on the last page); saving it with the
-    page's upsert is what makes a sync resumable.
+    page's upsert is what makes a sync resumable. `skipped` counts the source's items on this
+    page that could not be mapped (logged, left out of `records`).
     """
 
     records: tuple[ForeignCustomer, ...]
     cursor: str | None
     requests: int = 1
     throttled: int = 0
+    skipped: int = 0
 
 
 def clean(value: Any) -> str | None:

@@ -101,10 +101,11 @@ def iter_customer_pages(
         variables = {"first": page_size, "after": paginator.cursor, "query": query}
         data = client.execute(CUSTOMERS_QUERY, variables, cost=estimate)
         nodes, _, next_cursor = _connection(data)
-        records = map_records(nodes, map_customer, source="shopify")
+        records, skipped = map_records(nodes, map_customer, source="shopify")
         paginator.update_state(next_cursor)
         yield Page(
             records=records,
+            skipped=skipped,
             cursor=next_cursor,
             requests=client.requests - requests,
             throttled=client.throttled - throttled,

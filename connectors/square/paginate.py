@@ -89,10 +89,11 @@ def iter_customer_pages(
             paginator.restart()
             continue
         customers, next_cursor = _answer(data)
-        records = map_records(customers, map_customer, source="square")
+        records, skipped = map_records(customers, map_customer, source="square")
         paginator.update_state(next_cursor)
         yield Page(
             records=records,
+            skipped=skipped,
             cursor=next_cursor,
             requests=client.requests - requests,
             throttled=client.throttled - throttled,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 
-from connectors.errors import FatalError, InvalidCursorError
-from connectors.paginate import CursorPaginator
+from connectors.errors import FatalError, InvalidCursorError, SkippableRecord
+from connectors.paginate import CursorPaginator, map_records
+from connectors.records import ForeignCustomer
 
 
 def fake_source(items: list[int], page_size: int) -> dict[str | None, tuple[list[int], str | None]]:
@@ -147,3 +151,16 @@ def test_fresh_paginators_share_nothing() -> None:
     second = CursorPaginator()
     second.update_state("a")  # no loop: state is per run
     assert (first.cursor, second.cursor) == ("a", "a")
+
+
+def test_map_records_counts_what_it_leaves_out() -> None:
+    def map_one(item: Mapping[str, Any]) -> ForeignCustomer:
+        if not item.get("id"):
+            raise SkippableRecord("no id")
+        return ForeignCustomer(source="test", external_id=str(item["id"]))
+
+    records, skipped = map_records(
+        [{"id": 1}, {"id": ""}, "not an object", {"id": 2}], map_one, source="test"
+    )
+    assert [r.external_id for r in records] == ["1", "2"]
+    assert skipped == 2

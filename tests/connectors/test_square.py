@@ -342,6 +342,7 @@ def test_records_without_id_are_skipped_not_fatal() -> None:
     fake.add_customer(id="", given_name="No id")
     pages = full_sync(square_client(fake))
     assert len(ids_of(pages)) == 2
+    assert sum(page.skipped for page in pages) == 1
 
 
 def test_fake_served_over_real_http_with_a_real_client() -> None:
