@@ -283,6 +283,34 @@ class OutboxMessage(Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
+class Connection(TimestampMixin, Base):
+    """A store's link to a source: where to call it, and the credentials (encrypted at rest)."""
+
+    __tablename__ = "connections"
+    __table_args__ = (
+        # One connection per shop (merchant) of a store: connecting the same shop again replaces
+        # its token instead of adding a second connection that would sync the same records twice.
+        UniqueConstraint("store_id", "source", "account"),
+        CheckConstraint("source IN ('shopify', 'square')", name="source"),
+        CheckConstraint("status IN ('active', 'needs_attention')", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    source: Mapped[str] = mapped_column(String(32))
+    # Shopify: the shop domain, lower-case (`x.myshopify.com`); Square: the merchant id.
+    account: Mapped[str] = mapped_column(String(255))
+    api_base_url: Mapped[str] = mapped_column(String(2048))
+    api_version: Mapped[str | None] = mapped_column(String(32))
+    # A Fernet token (models/crypto.py) of the JSON object `{"access_token": ...}`.
+    credentials: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # Later: the card to earn on, the earning rule, field ownership.
+    config: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+
+
 class IdempotentRequest(Base):
     """A response remembered for an `Idempotency-Key` (per store, 24 h)."""
 
@@ -308,6 +336,7 @@ __all__ = [
     "ApiToken",
     "Base",
     "CardTemplate",
+    "Connection",
     "Customer",
     "CustomerCard",
     "ExternalReference",

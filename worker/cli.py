@@ -112,11 +112,18 @@ store_app = typer.Typer(help="Stores (API accounts).", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens of a store.", no_args_is_help=True)
 card_app = typer.Typer(help="Card templates.", no_args_is_help=True)
 reward_app = typer.Typer(help="Rewards of a card.", no_args_is_help=True)
+connect_app = typer.Typer(
+    help="Connect a store to a source (credentials are encrypted with SECRET_KEY).",
+    no_args_is_help=True,
+)
+connections_app = typer.Typer(help="A store's connections to sources.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(store_app, name="store")
 app.add_typer(token_app, name="token")
 app.add_typer(card_app, name="card")
 app.add_typer(reward_app, name="reward")
+app.add_typer(connect_app, name="connect")
+app.add_typer(connections_app, name="connections")
 
 
 @app.callback()
@@ -388,6 +395,123 @@ def reward_create(
     with transaction(ctx) as session:
         reward = create_reward(session, card_id=card, name=name, stamps=stamps, active=not inactive)
         result = {**render_reward(reward), "card_id": reward.card_id}
+    emit(result)
+
+
+# --- connections --------------------------------------------------------------------------------
+
+
+def _secret_key(ctx: typer.Context) -> bytes:
+    from worker.secret_key import SecretKeyError, resolve_secret_key
+
+    try:
+        return resolve_secret_key(_settings(ctx))
+    except (SecretKeyError, OSError) as exc:
+        fail(f"secret key: {exc}")
+
+
+def _connect(
+    ctx: typer.Context,
+    *,
+    store: int,
+    source: str,
+    account: str,
+    access_token: str,
+    api_base_url: str | None,
+    api_version: str | None,
+) -> None:
+    from models.connections import connect
+
+    key = _secret_key(ctx)
+    with transaction(ctx) as session:
+        row, created = connect(
+            session,
+            store_id=store,
+            source=source,
+            account=account,
+            access_token=access_token,
+            api_base_url=api_base_url,
+            api_version=api_version,
+            key=key,
+        )
+        result = {
+            "id": row.id,
+            "source": row.source,
+            "account": row.account,
+            "status": row.status,
+            "created": created,
+        }
+    emit(result)
+
+
+StoreOption = Annotated[int, typer.Option("--store", help="Store id")]
+TokenOption = Annotated[
+    str, typer.Option("--access-token", help="API access token (stored encrypted)")
+]
+
+
+@connect_app.command("shopify")
+def connect_shopify(
+    ctx: typer.Context,
+    store: StoreOption,
+    shop_domain: Annotated[
+        str, typer.Option("--shop-domain", help="The shop's domain, e.g. my-shop.myshopify.com")
+    ],
+    access_token: TokenOption,
+    api_base_url: Annotated[
+        str | None,
+        typer.Option("--api-base-url", help="API base URL [default: https://{shop-domain}]"),
+    ] = None,
+    api_version: Annotated[
+        str | None,
+        typer.Option("--api-version", help="Admin API version [default: SHOPIFY_API_VERSION]"),
+    ] = None,
+) -> None:
+    """Connect a Shopify shop (connecting it again replaces the token)."""
+    _connect(
+        ctx,
+        store=store,
+        source="shopify",
+        account=shop_domain,
+        access_token=access_token,
+        api_base_url=api_base_url,
+        api_version=api_version or _settings(ctx).shopify_api_version,
+    )
+
+
+@connect_app.command("square")
+def connect_square(
+    ctx: typer.Context,
+    store: StoreOption,
+    merchant_id: Annotated[str, typer.Option("--merchant-id", help="Square merchant id")],
+    access_token: TokenOption,
+    api_base_url: Annotated[
+        str | None,
+        typer.Option("--api-base-url", help="API base URL [default: https://connect.squareup.com]"),
+    ] = None,
+) -> None:
+    """Connect a Square merchant (connecting it again replaces the token)."""
+    _connect(
+        ctx,
+        store=store,
+        source="square",
+        account=merchant_id,
+        access_token=access_token,
+        api_base_url=api_base_url,
+        api_version=None,
+    )
+
+
+@connections_app.command("list")
+def connections_list(
+    ctx: typer.Context,
+    store: Annotated[int | None, typer.Option("--store", help="Only this store's")] = None,
+) -> None:
+    """List connections (never their credentials)."""
+    from models.connections import list_connections, render_connection
+
+    with transaction(ctx) as session:
+        result = [render_connection(c) for c in list_connections(session, store_id=store)]
     emit(result)
 
 

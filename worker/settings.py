@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     # Foreign API versions are pinned: payload shapes change between versions.
     shopify_api_version: str = Field(default="2026-10", alias="SHOPIFY_API_VERSION")
     square_version: str = Field(default="2026-08-19", alias="SQUARE_VERSION")
+    # Encrypts connection credentials at rest; unset → a key generated once into ./var/secret.key.
+    secret_key: str | None = Field(default=None, alias="SECRET_KEY")
 
     @field_validator("wallet_base_url")
     @classmethod
