@@ -18,13 +18,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from models.db import make_engine, make_sessionmaker, normalise_url
+from models.db import make_engine, make_sessionmaker
 from models.migrate import upgrade
 from models.tables import Base
+from tests.pg import scratch_database
 
 BACKENDS = ["sqlite", "postgresql"]
 
@@ -44,25 +45,11 @@ def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def _postgres_database() -> Iterator[str]:
-    base = os.environ.get("TEST_POSTGRES_URL")
-    if not base:
-        if os.environ.get("CI") == "true":
-            pytest.fail("TEST_POSTGRES_URL must be set under CI: the store is tested on PostgreSQL")
-        pytest.skip("TEST_POSTGRES_URL is not set")
-    admin_url = normalise_url(base)
-    name = f"loyalty_test_{_worker_suffix()}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin_url.set(database=name).render_as_string(hide_password=False)
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_database(f"loyalty_test_{_worker_suffix()}") as url:
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
 
 
 @pytest.fixture(params=BACKENDS)
