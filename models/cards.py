@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -75,6 +75,16 @@ def list_cards(session: Session, *, store_id: int, scope: Scope = "active") -> l
     elif scope == "archived":
         query = query.where(CardTemplate.archived_at.is_not(None))
     return list(session.scalars(query.order_by(CardTemplate.id)).all())
+
+
+def rewards_by_card(session: Session, *, card_ids: list[int]) -> dict[int, list[Reward]]:
+    """The rewards of several card templates in one query, keyed by card id."""
+    by_card: dict[int, list[Reward]] = {card_id: [] for card_id in card_ids}
+    for reward in session.scalars(
+        select(Reward).where(Reward.card_id.in_(card_ids)).order_by(Reward.id)
+    ):
+        by_card[reward.card_id].append(reward)
+    return by_card
 
 
 def create_reward(
@@ -453,8 +463,6 @@ def redeem(
 
 
 def ledger_sum(session: Session, *, customer_card_id: int) -> int:
-    from sqlalchemy import func
-
     return int(
         session.scalar(
             select(func.coalesce(func.sum(StampLedgerEntry.delta), 0)).where(

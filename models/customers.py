@@ -491,19 +491,21 @@ def list_customers(
         items = list(found[offset : offset + per_page])
         return Page(items=items, page=page, per_page=per_page, total_count=len(found))
     if search is None or not search.strip():
-        id_query = (
-            select(Customer.id)
-            .where(Customer.store_id == store_id, Customer.state != "merged")
-            .subquery()
+        live = (Customer.store_id == store_id, Customer.state != "merged")
+        total = int(session.scalar(select(func.count()).select_from(Customer).where(*live)) or 0)
+        rows = (
+            session.execute(
+                select(Customer)
+                .where(*live)
+                .options(*_PAGE_LOADS)
+                .order_by(Customer.id)
+                .offset(offset)
+                .limit(per_page)
+            )
+            .unique()
+            .scalars()
+            .all()
         )
-        total = int(session.scalar(select(func.count()).select_from(id_query)) or 0)
-        rows = session.scalars(
-            select(Customer)
-            .where(Customer.id.in_(select(id_query.c.id)))
-            .order_by(Customer.id)
-            .offset(offset)
-            .limit(per_page)
-        ).all()
         return Page(items=list(rows), page=page, per_page=per_page, total_count=total)
     # A search is one query: the page of matching ids with the count of all matches (a window
     # over the match set, computed once), joined to their customers.

@@ -20,7 +20,6 @@ from api.schemas import (
 )
 from models import cards as card_ops
 from models import customers as customer_ops
-from models.tables import Reward
 
 router = APIRouter(prefix="/api/v1/accounts/{account_id}", tags=["customer cards"])
 CARD_ERRORS = {
@@ -153,12 +152,5 @@ def list_cards(
     ] = "active",
 ) -> Response:
     cards = card_ops.list_cards(session, store_id=store_id, scope=scope)
-    from sqlalchemy import select
-
-    rewards = session.scalars(
-        select(Reward).where(Reward.card_id.in_([c.id for c in cards])).order_by(Reward.id)
-    ).all()
-    by_card: dict[int, list[Reward]] = {}
-    for r in rewards:
-        by_card.setdefault(r.card_id, []).append(r)
-    return JSONResponse([render_card(c, by_card.get(c.id, [])) for c in cards])
+    rewards = card_ops.rewards_by_card(session, card_ids=[c.id for c in cards])
+    return JSONResponse([render_card(c, rewards[c.id]) for c in cards])
