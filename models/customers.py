@@ -49,6 +49,9 @@ class _Unset:
 
 UNSET: Final = _Unset()
 
+# Customers left out of lists and searches: merged away (their survivor is listed) and erased.
+HIDDEN_STATES: Final = ("merged", "redacted")
+
 
 @dataclass(slots=True)
 class CustomerFields:
@@ -426,7 +429,7 @@ def _search_ids(store_id: int, term: str) -> Any:
     digits = phone_digits(term)
     if digits and len(digits) >= 3 and digits != lowered and not any(ch.isalpha() for ch in term):
         text_match = or_(text_match, Customer.search_text.like(_like_pattern(digits), escape="\\"))
-    live = and_(Customer.store_id == store_id, Customer.state != "merged")
+    live = and_(Customer.store_id == store_id, Customer.state.not_in(HIDDEN_STATES))
     arms = [
         select(Customer.id.label("id")).where(live, text_match),
         select(CustomerCard.customer_id.label("id"))
@@ -491,7 +494,7 @@ def list_customers(
         items = list(found[offset : offset + per_page])
         return Page(items=items, page=page, per_page=per_page, total_count=len(found))
     if search is None or not search.strip():
-        live = (Customer.store_id == store_id, Customer.state != "merged")
+        live = (Customer.store_id == store_id, Customer.state.not_in(HIDDEN_STATES))
         total = int(session.scalar(select(func.count()).select_from(Customer).where(*live)) or 0)
         rows = (
             session.execute(

@@ -311,6 +311,95 @@ class Connection(TimestampMixin, Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
 
 
+class SyncState(Base):
+    """Where a (connection, stream) sync stands: the saved cursor of a run in progress and the
+    watermark of the last complete run.
+
+    `cursor` is only meaningful with the filter it was issued for, so the run's `window_start`
+    (the `updated_since` it asked for; None = full sync) is saved beside it: a resumed run asks
+    again with the same filter. `high_water` is the newest `source_updated_at` seen by the run so
+    far; it becomes the `watermark` when the run completes.
+    """
+
+    __tablename__ = "sync_states"
+    __table_args__ = (UniqueConstraint("connection_id", "stream"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(ForeignKey("connections.id", ondelete="CASCADE"))
+    stream: Mapped[str] = mapped_column(String(32))
+    cursor: Mapped[str | None] = mapped_column(Text)
+    in_progress: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    full: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    window_start: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    high_water: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    watermark: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    pages_done: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("sync_runs.id", ondelete="SET NULL"))
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class SyncRun(Base):
+    """One sync run of a (connection, stream) and what it did."""
+
+    __tablename__ = "sync_runs"
+    __table_args__ = (
+        Index("ix_sync_runs_connection_id_stream_id", "connection_id", "stream", "id"),
+        CheckConstraint(
+            "status IN ('running', 'succeeded', 'failed', 'needs_attention')", name="status"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    connection_id: Mapped[int] = mapped_column(ForeignKey("connections.id", ondelete="CASCADE"))
+    stream: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    full: Mapped[bool] = mapped_column(Boolean, default=False)
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False)
+    resumed: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    pages: Mapped[int] = mapped_column(Integer, default=0)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    throttled: Mapped[int] = mapped_column(Integer, default=0)
+    seen: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[int] = mapped_column(Integer, default=0)
+    updated: Mapped[int] = mapped_column(Integer, default=0)
+    linked: Mapped[int] = mapped_column(Integer, default=0)
+    unchanged: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    conflicts: Mapped[int] = mapped_column(Integer, default=0)
+    deleted: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class SyncConflict(Base):
+    """A foreign record that was not written because its identity is ambiguous.
+
+    One row per (store, source, external id, kind): seeing the same conflict again bumps
+    `occurrences`/`last_seen_at`; writing the record later (after the operator fixed the data)
+    sets `resolved_at`.
+    """
+
+    __tablename__ = "sync_conflicts"
+    __table_args__ = (
+        UniqueConstraint("store_id", "source", "external_id", "kind"),
+        Index("ix_sync_conflicts_store_id_resolved_at", "store_id", "resolved_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    source: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text)
+    customer_ids: Mapped[list[int]] = mapped_column(JSONType, default=list)
+    occurrences: Mapped[int] = mapped_column(Integer, default=1)
+    first_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
 class IdempotentRequest(Base):
     """A response remembered for an `Idempotency-Key` (per store, 24 h)."""
 
@@ -345,6 +434,9 @@ __all__ = [
     "Reward",
     "StampLedgerEntry",
     "Store",
+    "SyncConflict",
+    "SyncRun",
+    "SyncState",
     "is_valid_id",
     "utcnow",
 ]

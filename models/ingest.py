@@ -1,0 +1,980 @@
+"""Bulk, identity-resolving upsert of foreign customer records, one page at a time.
+
+A page (up to a few hundred `ForeignCustomer`s) is applied as a set, in the caller's
+transaction — the caller saves the page's sync cursor in the same transaction and commits, so a
+crash resumes at the page it died on. Per page, whatever its size:
+
+1. one query for the page's references (and the merge targets they name);
+2. records whose content hash equals the reference's are *unchanged* and cost nothing more (a
+   newer source version/timestamp on the same content is still recorded, in bulk); older ones
+   are *stale* (Square `version`, else `source_updated_at`, compared as instants);
+3. the rest are normalised (E.164 phones, lower-cased emails, year-less birthdays) and resolved:
+   an existing reference wins; else the customer holding the normalised email, else the one
+   holding the phone (`IngestPolicy.match_by`) gets a new reference (*linked*); else a customer
+   is *created*. One query finds those owners for the whole page; customers created earlier in
+   the page are matched too;
+4. writes are multi-row statements: new customers (INSERT … RETURNING), changed customers (one
+   executemany UPDATE by id), new references (INSERT) and changed references (UPDATE by id; on
+   PostgreSQL the metadata is merged in SQL, `metadata || patch`).
+
+Rules:
+
+- Absent fields never clear data; a source only overwrites the fields it owns
+  (`IngestPolicy.owned_fields`). The local `excluded` state and the loyalty data (cards,
+  ledger) are never touched by a sync.
+- A record with neither a usable email nor phone, or whose email and phone belong to two
+  different customers, or whose new email/phone belongs to another customer, is not written: it
+  is recorded in `sync_conflicts` (kind, source, external id, the customers involved — no PII)
+  for the operator, and resolved automatically once a later version of it can be written.
+- A missing first name falls back to the nickname, then the company name, then the local part
+  of the email — only when the customer has no first name yet.
+- A source delete (`deleted`) tombstones the reference (`deleted_at`) and keeps the customer and
+  its loyalty history. A record whose customer was erased (`redacted`) is *suppressed*: an
+  erased person never comes back. `merged_into` merges the record's customer into the target
+  record's customer (see `models.lifecycle.merge_customers`).
+
+Concurrency: on PostgreSQL the page takes a transaction-scoped advisory lock per store, so
+concurrent pages (workers, webhook batches) of one store resolve identities one after the
+other and can never create two customers for one person; SQLite serialises writers anyway
+(`BEGIN IMMEDIATE`). A unique violation raced in by a writer that does not take the lock (the
+REST API) rolls the page back to its savepoint and the page is planned again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+import structlog
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Table,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from connectors.records import ForeignCustomer
+from models import lifecycle
+from models.normalize import (
+    METADATA_MAX_BYTES,
+    NAME_MAX,
+    FieldError,
+    build_search_text,
+    normalise_email,
+    normalise_phone,
+    parse_birthday,
+)
+from models.tables import (
+    Customer,
+    ExternalReference,
+    Store,
+    SyncConflict,
+    UTCDateTime,
+    utcnow,
+)
+
+log = structlog.get_logger(__name__)
+
+OWNABLE_FIELDS: Final = frozenset({"first_name", "last_name", "email", "phone", "birthday"})
+MATCH_KEYS: Final = ("email", "phone")
+ADVISORY_LOCK_CLASS: Final = 0x4C53  # "LS": the ingest lock namespace (pg_advisory_xact_lock)
+MAX_ATTEMPTS: Final = 3
+
+_customers: Table = Customer.__table__  # type: ignore[assignment]
+_references: Table = ExternalReference.__table__  # type: ignore[assignment]
+_conflicts: Table = SyncConflict.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestPolicy:
+    """How one connection's records are applied.
+
+    `owned_fields`: the customer fields this source may overwrite on an existing customer
+    (default: every field it sends). `match_by`: the keys tried, in order, when a record has no
+    reference yet (LOKE: email only — its phones are not unique).
+    """
+
+    owned_fields: frozenset[str] = OWNABLE_FIELDS
+    match_by: tuple[str, ...] = MATCH_KEYS
+
+    def __post_init__(self) -> None:
+        if unknown := set(self.owned_fields) - OWNABLE_FIELDS:
+            raise ValueError(f"unknown owned fields: {', '.join(sorted(unknown))}")
+        if not self.match_by or set(self.match_by) - set(MATCH_KEYS):
+            raise ValueError("match_by must name email and/or phone")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> IngestPolicy:
+        """From a connection's `config` (`owned_fields`, `match_by` lists); ValueError if bad."""
+        owned = config.get("owned_fields")
+        match_by = config.get("match_by")
+        for name, value in (("owned_fields", owned), ("match_by", match_by)):
+            if value is not None and (
+                not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+            ):
+                raise ValueError(f"{name} must be a list of field names")
+        return cls(
+            owned_fields=OWNABLE_FIELDS if owned is None else frozenset(owned),
+            match_by=MATCH_KEYS if match_by is None else tuple(match_by),
+        )
+
+
+@dataclass(slots=True)
+class PageCounts:
+    """What applying records did (or, in a dry run, would do)."""
+
+    seen: int = 0
+    created: int = 0
+    updated: int = 0
+    linked: int = 0
+    unchanged: int = 0
+    conflicts: int = 0
+    deleted: int = 0
+    merged: int = 0
+    stale: int = 0
+    suppressed: int = 0  # records of erased (redacted) people: never brought back
+
+    def add(self, other: PageCounts) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# --- preparing records ----------------------------------------------------------------------
+
+
+def content_hash(record: ForeignCustomer, policy: IngestPolicy) -> str:
+    """A digest of everything a record would write (and of the policy that decides it)."""
+    payload = (
+        record.first_name,
+        record.last_name,
+        record.email,
+        record.phone,
+        record.birthday,
+        record.nickname,
+        record.company_name,
+        record.deleted,
+        record.merged_into,
+        sorted(policy.owned_fields),
+        policy.match_by,
+        record.attributes,
+    )
+    encoded = json.dumps(payload, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.blake2b(encoded.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _text(value: str | None, limit: int = NAME_MAX) -> str | None:
+    """Source text the databases can store: no NUL, valid UTF-8, at most `limit` characters."""
+    if value is None:
+        return None
+    cleaned = value.replace("\x00", "")
+    cleaned = cleaned.encode("utf-8", "replace").decode("utf-8").strip()[:limit].strip()
+    return cleaned or None
+
+
+def _attributes(record: ForeignCustomer) -> dict[str, Any]:
+    """The reference-metadata patch: None values dropped (absent never clears), text made
+    storable, size-capped (a source with thousands of tags must not break the page)."""
+    patch = _storable({str(k): v for k, v in record.attributes.items() if v is not None})
+    budget = METADATA_MAX_BYTES // 2
+    if _size(patch) <= budget:
+        return patch
+    kept: dict[str, Any] = {}
+    dropped = []
+    for key, value in sorted(patch.items(), key=lambda kv: _size(kv[1])):
+        if _size({**kept, key: value}) <= budget:
+            kept[key] = value
+        else:
+            dropped.append(key)
+    log.warning(
+        "ingest.attributes.truncated",
+        source=record.source,
+        external_id=record.external_id,
+        dropped=dropped,
+    )
+    return kept
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, default=str).encode())
+
+
+def _storable(patch: dict[str, Any]) -> dict[str, Any]:
+    """JSON both databases accept: no NUL characters, no lone surrogates."""
+    encoded = json.dumps(patch, ensure_ascii=False, default=str)
+    try:
+        encoded.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        if "\\u0000" not in encoded:
+            return patch
+    cleaned = encoded.encode("utf-8", "replace").decode("utf-8").replace("\\u0000", "")
+    result: dict[str, Any] = json.loads(cleaned)
+    return result
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A record's values in the store's terms (None = absent)."""
+
+    first_name: str | None
+    last_name: str | None
+    email: str | None
+    phone: str | None
+    birthday: tuple[int | None, int, int] | None  # (year, month, day)
+    fallback_first_name: str | None
+    raw_phone: str | None  # kept in metadata when the phone can't be written (not unique)
+
+
+def _prepare(record: ForeignCustomer, region: str) -> _Prepared:
+    email = phone = None
+    if record.email:
+        try:
+            email = normalise_email(record.email)
+        except FieldError:
+            log.info("ingest.field.invalid", source=record.source, field="email")
+    if record.phone:
+        try:
+            phone = normalise_phone(record.phone, region)
+        except FieldError:
+            log.info("ingest.field.invalid", source=record.source, field="phone")
+    birthday = None
+    if record.birthday:
+        try:
+            parsed = parse_birthday(record.birthday)
+            birthday = (parsed.year, parsed.month, parsed.day)
+        except FieldError:
+            log.info("ingest.field.invalid", source=record.source, field="birthday")
+    fallback = _text(record.nickname) or _text(record.company_name)
+    if fallback is None and email is not None:
+        fallback = _text(email.split("@", 1)[0])
+    return _Prepared(
+        first_name=_text(record.first_name),
+        last_name=_text(record.last_name),
+        email=email,
+        phone=phone,
+        birthday=birthday,
+        fallback_first_name=fallback,
+        raw_phone=_text(record.phone, 40),
+    )
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _RefRow:
+    id: int
+    customer_id: int
+    content_hash: str | None
+    source_version: int | None
+    source_updated_at: dt.datetime | None
+    deleted_at: dt.datetime | None
+    metadata: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _CustomerRow:
+    """A customer as the page sees it (DB values, then the page's own changes)."""
+
+    id: int | None  # None until inserted
+    first_name: str | None
+    last_name: str | None
+    email: str | None
+    phone: str | None
+    birth_year: int | None
+    birth_month: int | None
+    birth_day: int | None
+    state: str
+    merged_into_id: int | None = None
+    changed: bool = False
+    new: bool = False
+    key: int = 0  # position in the plan (new customers have no id yet)
+
+
+@dataclass(slots=True)
+class _RefWrite:
+    record: ForeignCustomer
+    customer: _CustomerRow
+    existing: _RefRow | None
+    hash: str | None
+    metadata: dict[str, Any]
+    deleted: bool
+
+
+@dataclass(slots=True)
+class _Conflict:
+    source: str
+    external_id: str
+    kind: str
+    detail: str
+    customer_ids: list[int]
+
+
+@dataclass(slots=True)
+class _Plan:
+    counts: PageCounts = field(default_factory=PageCounts)
+    customers: dict[int, _CustomerRow] = field(default_factory=dict)  # by key
+    ref_writes: list[_RefWrite] = field(default_factory=list)
+    bumps: list[tuple[int, int | None, dt.datetime | None]] = field(default_factory=list)
+    conflicts: list[_Conflict] = field(default_factory=list)
+    merges: list[ForeignCustomer] = field(default_factory=list)
+    written: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _newest(records: Iterable[ForeignCustomer]) -> list[ForeignCustomer]:
+    """One record per external id: the newest (a page may repeat a record that changed)."""
+    chosen: dict[tuple[str, str], ForeignCustomer] = {}
+    for record in records:
+        key = (record.source, record.external_id)
+        previous = chosen.get(key)
+        if previous is None or not _is_older(record, previous.version, previous.source_updated_at):
+            chosen[key] = record
+    return list(chosen.values())
+
+
+def _is_older(record: ForeignCustomer, version: int | None, updated_at: dt.datetime | None) -> bool:
+    """Whether `record` is older than what (version, updated_at) describes."""
+    if record.version is not None and version is not None:
+        return record.version < version
+    if record.source_updated_at is not None and updated_at is not None:
+        return record.source_updated_at < updated_at
+    return False
+
+
+def _is_newer(record: ForeignCustomer, version: int | None, updated_at: dt.datetime | None) -> bool:
+    if record.version is not None and (version is None or record.version > version):
+        return True
+    return record.source_updated_at is not None and (
+        updated_at is None or record.source_updated_at > updated_at
+    )
+
+
+class _Planner:
+    def __init__(
+        self, session: Session, store: Store, policy: IngestPolicy, now: dt.datetime
+    ) -> None:
+        self.session = session
+        self.store = store
+        self.policy = policy
+        self.now = now
+        self.plan = _Plan()
+        self.by_id: dict[int, _CustomerRow] = {}
+        self.email_owner: dict[str, _CustomerRow] = {}
+        self.phone_owner: dict[str, _CustomerRow] = {}
+        self._next_key = 0
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load_references(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _RefRow]:
+        if not keys:
+            return {}
+        r = _references
+        rows = self.session.execute(
+            select(
+                r.c.id,
+                r.c.source,
+                r.c.external_id,
+                r.c.customer_id,
+                r.c.content_hash,
+                r.c.source_version,
+                r.c.source_updated_at,
+                r.c.deleted_at,
+                r.c.metadata,
+            ).where(
+                r.c.store_id == self.store.id,
+                tuple_(r.c.source, r.c.external_id).in_(sorted(keys)),
+            )
+        ).all()
+        found = {}
+        for row in rows:
+            found[(row.source, row.external_id)] = _RefRow(
+                id=row.id,
+                customer_id=row.customer_id,
+                content_hash=row.content_hash,
+                source_version=row.source_version,
+                source_updated_at=_aware(row.source_updated_at),
+                deleted_at=_aware(row.deleted_at),
+                metadata=dict(row.metadata or {}),
+            )
+        return found
+
+    def load_customers(
+        self, ids: Iterable[int], emails: Iterable[str], phones: Iterable[str]
+    ) -> None:
+        """Load the customers the page may touch: by id, and the owners of its emails/phones."""
+        ids, emails, phones = set(ids) - self.by_id.keys(), set(emails), set(phones)
+        conditions = []
+        if ids:
+            conditions.append(_customers.c.id.in_(sorted(ids)))
+        if emails:
+            conditions.append(_customers.c.email.in_(sorted(emails)))
+        if phones:
+            conditions.append(_customers.c.phone.in_(sorted(phones)))
+        if not conditions:
+            return
+        c = _customers
+        rows = self.session.execute(
+            select(
+                c.c.id,
+                c.c.first_name,
+                c.c.last_name,
+                c.c.email,
+                c.c.phone,
+                c.c.birth_year,
+                c.c.birth_month,
+                c.c.birth_day,
+                c.c.state,
+                c.c.merged_into_id,
+            ).where(c.c.store_id == self.store.id, or_(*conditions))
+        ).all()
+        for row in rows:
+            if row.id in self.by_id:
+                continue
+            customer = _CustomerRow(
+                id=row.id,
+                first_name=row.first_name,
+                last_name=row.last_name,
+                email=row.email,
+                phone=row.phone,
+                birth_year=row.birth_year,
+                birth_month=row.birth_month,
+                birth_day=row.birth_day,
+                state=row.state,
+                merged_into_id=row.merged_into_id,
+            )
+            self._register(customer)
+
+    def _register(self, customer: _CustomerRow) -> None:
+        customer.key = self._next_key
+        self._next_key += 1
+        self.plan.customers[customer.key] = customer
+        if customer.id is not None:
+            self.by_id[customer.id] = customer
+        if customer.email:
+            self.email_owner[customer.email] = customer
+        if customer.phone:
+            self.phone_owner[customer.phone] = customer
+
+    def live(self, customer_id: int) -> _CustomerRow | None:
+        """The customer a reference points to, following merges to the survivor."""
+        seen: set[int] = set()
+        customer = self.by_id.get(customer_id)
+        while customer is not None and customer.state == "merged" and customer.merged_into_id:
+            if customer.id in seen:
+                break
+            seen.add(customer.id or 0)
+            target = customer.merged_into_id
+            if target not in self.by_id:
+                self.load_customers([target], (), ())
+            customer = self.by_id.get(target)
+        return customer
+
+    # -- deciding ------------------------------------------------------------------------
+
+    def conflict(
+        self, record: ForeignCustomer, kind: str, detail: str, ids: Iterable[int | None]
+    ) -> None:
+        self.plan.conflicts.append(
+            _Conflict(
+                source=record.source,
+                external_id=record.external_id,
+                kind=kind,
+                detail=detail,
+                customer_ids=sorted({i for i in ids if i is not None}),
+            )
+        )
+        self.plan.counts.conflicts += 1
+
+    def taken(self, customer: _CustomerRow, prepared: _Prepared) -> tuple[str, _CustomerRow] | None:
+        """A contact value of the record held by a different customer, if any."""
+        for name, owners in (("email", self.email_owner), ("phone", self.phone_owner)):
+            value = getattr(prepared, name)
+            if value is None or name not in self.policy.owned_fields:
+                continue
+            if name not in self.policy.match_by:
+                continue  # not identity for this source: `apply_fields` keeps it aside
+            if getattr(customer, name) == value:
+                continue
+            owner = owners.get(value)
+            if owner is not None and owner is not customer:
+                return name, owner
+        return None
+
+    def apply_fields(
+        self, customer: _CustomerRow, prepared: _Prepared, *, new: bool
+    ) -> dict[str, Any]:
+        """Write the record's values onto `customer` (owned fields only; absent never clears).
+
+        Returns the extra reference metadata (a phone that could not be written).
+        """
+        owned = OWNABLE_FIELDS if new else self.policy.owned_fields
+        extra: dict[str, Any] = {}
+        values: dict[str, Any] = {}
+        if "first_name" in owned and prepared.first_name is not None:
+            values["first_name"] = prepared.first_name
+        elif not customer.first_name and prepared.fallback_first_name is not None:
+            values["first_name"] = prepared.fallback_first_name
+        if "last_name" in owned and prepared.last_name is not None:
+            values["last_name"] = prepared.last_name
+        if "email" in owned and prepared.email is not None:
+            values["email"] = prepared.email
+        if "phone" in owned and prepared.phone is not None:
+            owner = self.phone_owner.get(prepared.phone)
+            if owner is not None and owner is not customer:
+                # Only reachable when phones are not identity (match_by without phone): the
+                # number stays on the reference, the other customer keeps it.
+                extra["phone"] = prepared.raw_phone
+            else:
+                values["phone"] = prepared.phone
+        if "birthday" in owned and prepared.birthday is not None:
+            year, month, day = prepared.birthday
+            values.update(birth_year=year, birth_month=month, birth_day=day)
+        for name, value in values.items():
+            if getattr(customer, name) != value:
+                if name == "email" and customer.email:
+                    self.email_owner.pop(customer.email, None)
+                if name == "phone" and customer.phone:
+                    self.phone_owner.pop(customer.phone, None)
+                setattr(customer, name, value)
+                customer.changed = True
+        if customer.email:
+            self.email_owner[customer.email] = customer
+        if customer.phone:
+            self.phone_owner[customer.phone] = customer
+        return extra
+
+    def match(
+        self, record: ForeignCustomer, prepared: _Prepared
+    ) -> tuple[_CustomerRow | None, bool]:
+        """The customer to link a reference-less record to → (customer, ok).
+
+        ok=False: a conflict was recorded and the record must not be written.
+        """
+        if prepared.email is None and prepared.phone is None:
+            self.conflict(record, "no_contact", "the record has no usable email or phone", ())
+            return None, False
+        by_email = self.email_owner.get(prepared.email) if prepared.email else None
+        by_phone = self.phone_owner.get(prepared.phone) if prepared.phone else None
+        candidates = {"email": by_email, "phone": by_phone}
+        matches = [candidates[k] for k in self.policy.match_by if candidates[k] is not None]
+        if (
+            by_email is not None
+            and by_phone is not None
+            and by_email is not by_phone
+            and "phone" in self.policy.match_by
+        ):
+            self.conflict(
+                record,
+                "email_phone_split",
+                "the email belongs to one customer and the phone to another",
+                (by_email.id, by_phone.id),
+            )
+            return None, False
+        return (matches[0] if matches else None), True
+
+    def new_customer(self) -> _CustomerRow:
+        customer = _CustomerRow(
+            id=None,
+            first_name=None,
+            last_name=None,
+            email=None,
+            phone=None,
+            birth_year=None,
+            birth_month=None,
+            birth_day=None,
+            state="active",
+            changed=True,
+            new=True,
+        )
+        self._register(customer)
+        return customer
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.UTC)
+
+
+def _triage(
+    plan: _Plan,
+    records: Sequence[ForeignCustomer],
+    refs: Mapping[tuple[str, str], _RefRow],
+    policy: IngestPolicy,
+) -> list[tuple[ForeignCustomer, _RefRow | None, str]]:
+    """Cheap decisions first: stale and unchanged records are never normalised."""
+    todo: list[tuple[ForeignCustomer, _RefRow | None, str]] = []
+    for record in records:
+        ref = refs.get((record.source, record.external_id))
+        digest = content_hash(record, policy)
+        if ref is not None:
+            if _is_older(record, ref.source_version, ref.source_updated_at):
+                plan.counts.stale += 1
+                continue
+            if ref.content_hash == digest and (ref.deleted_at is None) != record.deleted:
+                plan.counts.unchanged += 1
+                if _is_newer(record, ref.source_version, ref.source_updated_at):
+                    plan.bumps.append((ref.id, record.version, record.source_updated_at))
+                continue
+        todo.append((record, ref, digest))
+    return todo
+
+
+def _decide(
+    planner: _Planner,
+    record: ForeignCustomer,
+    ref: _RefRow | None,
+    digest: str,
+    values: _Prepared | None,
+) -> None:
+    """Plan one changed record: update, link, create, tombstone, suppress or conflict."""
+    plan = planner.plan
+    if record.merged_into:
+        plan.merges.append(record)
+        if ref is None:
+            # Never create a customer for a record that no longer exists on its own: the merge
+            # (after the writes) points its id at the survivor.
+            plan.counts.unchanged += 1
+            return
+    customer = planner.live(ref.customer_id) if ref is not None else None
+    if ref is not None and customer is None:  # pragma: no cover - the foreign key forbids it
+        raise RuntimeError("reference without a customer")
+    if customer is not None and customer.state == "redacted":
+        plan.counts.suppressed += 1
+        return
+    attributes = _attributes(record)
+    if record.deleted or values is None:
+        if ref is None or customer is None:
+            plan.counts.unchanged += 1  # nothing of it here to delete
+            return
+        plan.ref_writes.append(_RefWrite(record, customer, ref, digest, attributes, deleted=True))
+        if ref.deleted_at is None:
+            plan.counts.deleted += 1
+        else:
+            plan.counts.unchanged += 1
+        return
+    found = customer
+    if found is None:
+        matched, ok = planner.match(record, values)
+        if not ok:
+            return
+        found = matched
+    if found is not None and (taken := planner.taken(found, values)) is not None:
+        name, owner = taken
+        planner.conflict(
+            record,
+            f"{name}_taken",
+            f"its {name} belongs to another customer",
+            (found.id, owner.id),
+        )
+        return
+    target = found if found is not None else planner.new_customer()
+    extra = planner.apply_fields(target, values, new=found is None)
+    plan.ref_writes.append(
+        _RefWrite(record, target, ref, digest, {**attributes, **extra}, deleted=False)
+    )
+    if customer is not None:
+        plan.counts.updated += 1
+    elif found is not None:
+        plan.counts.linked += 1
+    else:
+        plan.counts.created += 1
+    plan.written.append((record.source, record.external_id))
+
+
+def _plan_page(
+    session: Session,
+    store: Store,
+    records: Sequence[ForeignCustomer],
+    policy: IngestPolicy,
+    now: dt.datetime,
+) -> _Plan:
+    planner = _Planner(session, store, policy, now)
+    plan = planner.plan
+    plan.counts.seen = len(records)
+    unique = _newest(records)
+    plan.counts.unchanged += len(records) - len(unique)  # older copies of a record in the page
+    keys = {(r.source, r.external_id) for r in unique}
+    keys |= {(r.source, r.merged_into) for r in unique if r.merged_into}
+    todo = _triage(plan, unique, planner.load_references(keys), policy)
+    prepared = {id(r): _prepare(r, store.country) for r, _, _ in todo if not r.deleted}
+    planner.load_customers(
+        (ref.customer_id for _, ref, _ in todo if ref is not None),
+        (p.email for p in prepared.values() if p.email),
+        (p.phone for p in prepared.values() if p.phone),
+    )
+    for record, ref, digest in todo:
+        _decide(planner, record, ref, digest, prepared.get(id(record)))
+    return plan
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _customer_values(customer: _CustomerRow, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "first_name": customer.first_name,
+        "last_name": customer.last_name,
+        "email": customer.email,
+        "phone": customer.phone,
+        "birth_year": customer.birth_year,
+        "birth_month": customer.birth_month,
+        "birth_day": customer.birth_day,
+        "search_text": build_search_text(
+            customer.first_name, customer.last_name, customer.email, customer.phone
+        ),
+        "updated_at": now,
+    }
+
+
+def _write(session: Session, store_id: int, plan: _Plan, now: dt.datetime) -> None:
+    dialect = session.get_bind().dialect.name
+    new = [c for c in plan.customers.values() if c.new]
+    if new:
+        rows = [
+            {
+                **_customer_values(c, now),
+                "store_id": store_id,
+                "state": "active",
+                "metadata": {},
+                "created_at": now,
+            }
+            for c in new
+        ]
+        ids = (
+            session.execute(
+                insert(_customers).returning(_customers.c.id, sort_by_parameter_order=True), rows
+            )
+            .scalars()
+            .all()
+        )
+        for customer, new_id in zip(new, ids, strict=True):
+            customer.id = new_id
+    changed = [c for c in plan.customers.values() if c.changed and not c.new]
+    if changed:
+        # Two passes when contacts move between customers of this page would collide midway;
+        # the plan never moves a contact to another customer (that is a conflict), so one pass.
+        session.execute(
+            update(_customers)
+            .where(_customers.c.id == bindparam("_id"))
+            .values({k: bindparam(k) for k in _customer_values(changed[0], now)}),
+            [{"_id": c.id, **_customer_values(c, now)} for c in changed],
+        )
+    inserts = [w for w in plan.ref_writes if w.existing is None]
+    if inserts:
+        session.execute(
+            insert(_references),
+            [
+                {
+                    "store_id": store_id,
+                    "customer_id": w.customer.id,
+                    "source": w.record.source,
+                    "external_id": w.record.external_id,
+                    "metadata": w.metadata,
+                    "source_updated_at": w.record.source_updated_at,
+                    "source_version": w.record.version,
+                    "content_hash": w.hash,
+                    "deleted_at": now if w.deleted else None,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for w in inserts
+            ],
+        )
+    updates = [w for w in plan.ref_writes if w.existing is not None]
+    if updates:
+        if dialect == "postgresql":
+            # The metadata is merged by the database (`||` is a shallow merge of objects).
+            meta: ColumnElement[Any] = _references.c.metadata.op("||")(
+                bindparam("patch", type_=JSONB)
+            )
+        else:
+            meta = bindparam("patch", type_=_references.c.metadata.type)
+        params = []
+        for w in updates:
+            assert w.existing is not None
+            patch = w.metadata if dialect == "postgresql" else {**w.existing.metadata, **w.metadata}
+            keep_deleted = w.existing.deleted_at if w.deleted else None
+            params.append(
+                {
+                    "_id": w.existing.id,
+                    "patch": patch,
+                    "_customer_id": w.customer.id,
+                    "_hash": w.hash,
+                    "_version": _max(w.record.version, w.existing.source_version),
+                    "_updated": _max(w.record.source_updated_at, w.existing.source_updated_at),
+                    "_deleted": (keep_deleted or now) if w.deleted else None,
+                    "_now": now,
+                }
+            )
+        session.execute(
+            update(_references)
+            .where(_references.c.id == bindparam("_id"))
+            .values(
+                metadata=meta,
+                customer_id=bindparam("_customer_id"),
+                content_hash=bindparam("_hash"),
+                source_version=bindparam("_version"),
+                source_updated_at=bindparam("_updated"),
+                deleted_at=bindparam("_deleted"),
+                updated_at=bindparam("_now"),
+            ),
+            params,
+        )
+    if plan.bumps:
+        session.execute(
+            update(_references)
+            .where(_references.c.id == bindparam("_id"))
+            .values(
+                source_version=func.coalesce(
+                    bindparam("_version", type_=BigInteger()), _references.c.source_version
+                ),
+                source_updated_at=func.coalesce(
+                    bindparam("_updated", type_=UTCDateTime()), _references.c.source_updated_at
+                ),
+            ),
+            [{"_id": i, "_version": v, "_updated": u} for i, v, u in plan.bumps],
+        )
+    _record_conflicts(session, store_id, plan.conflicts, now, dialect)
+    if plan.written:
+        _resolve_conflicts(session, store_id, plan.written, now)
+
+
+def _max(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def _record_conflicts(
+    session: Session, store_id: int, conflicts: list[_Conflict], now: dt.datetime, dialect: str
+) -> None:
+    if not conflicts:
+        return
+    table = _conflicts
+    maker = pg_insert if dialect == "postgresql" else sqlite_insert
+    folded = {(c.source, c.external_id, c.kind): c for c in conflicts}
+    statement = maker(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=["store_id", "source", "external_id", "kind"],
+        set_={
+            "detail": statement.excluded.detail,
+            "customer_ids": statement.excluded.customer_ids,
+            "occurrences": table.c.occurrences + 1,
+            "last_seen_at": statement.excluded.last_seen_at,
+            "resolved_at": None,
+        },
+    )
+    session.execute(
+        statement,
+        [
+            {
+                "store_id": store_id,
+                "source": c.source,
+                "external_id": c.external_id,
+                "kind": c.kind,
+                "detail": c.detail,
+                "customer_ids": c.customer_ids,
+                "occurrences": 1,
+                "first_seen_at": now,
+                "last_seen_at": now,
+                "resolved_at": None,
+            }
+            for c in folded.values()
+        ],
+    )
+
+
+def _resolve_conflicts(
+    session: Session, store_id: int, written: list[tuple[str, str]], now: dt.datetime
+) -> None:
+    table = _conflicts
+    session.execute(
+        update(table)
+        .where(
+            table.c.store_id == store_id,
+            table.c.resolved_at.is_(None),
+            tuple_(table.c.source, table.c.external_id).in_(written),
+        )
+        .values(resolved_at=now)
+    )
+
+
+def lock_store(session: Session, store_id: int) -> None:
+    """Serialise identity resolution per store until the transaction ends (PostgreSQL)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:cls, :obj)"),
+            {"cls": ADVISORY_LOCK_CLASS, "obj": store_id % 2_147_483_647},
+        )
+
+
+def apply_customer_page(
+    session: Session,
+    *,
+    store_id: int,
+    records: Sequence[ForeignCustomer],
+    policy: IngestPolicy = IngestPolicy(),
+    dry_run: bool = False,
+    now: dt.datetime | None = None,
+) -> PageCounts:
+    """Apply one page of records in the caller's transaction (the caller commits).
+
+    `dry_run` plans the page (same queries, same counts) and writes nothing.
+    """
+    now = now or utcnow()
+    store = session.get(Store, store_id)
+    if store is None:
+        raise LookupError(f"store {store_id} does not exist")
+    if not records:
+        return PageCounts()
+    if not dry_run:
+        lock_store(session, store_id)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        plan = _plan_page(session, store, records, policy, now)
+        if dry_run:
+            return plan.counts
+        try:
+            with session.begin_nested():
+                _write(session, store_id, plan, now)
+                for record in plan.merges:
+                    if lifecycle.follow_merge(
+                        session,
+                        store_id=store_id,
+                        source=record.source,
+                        loser_external_id=record.external_id,
+                        winner_external_id=record.merged_into or "",
+                        now=now,
+                    ):
+                        plan.counts.merged += 1
+        except IntegrityError:
+            # A writer outside the ingest lock (the REST API) took an email/phone/reference
+            # between our reads and writes: plan again from what is committed now.
+            if attempt == MAX_ATTEMPTS:
+                raise
+            log.info("ingest.page.retry", store_id=store_id, attempt=attempt)
+            continue
+        return plan.counts
+    raise AssertionError("unreachable")  # pragma: no cover
