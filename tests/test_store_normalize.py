@@ -17,6 +17,7 @@ from models.normalize import (
     METADATA_MAX_BYTES,
     Birthday,
     FieldError,
+    _validated_email,
     build_search_text,
     check_external_id,
     check_metadata,
@@ -240,6 +241,53 @@ def test_normalise_email_either_returns_a_lower_case_address_or_raises(raw: str)
     assert "@" in result
     assert result == result.lower()
     assert normalise_email(result) == result
+
+
+def _slow_email(raw: str) -> str | None:
+    try:
+        return _validated_email(raw.strip())
+    except FieldError:
+        return None
+
+
+def _fast_email(raw: str) -> str | None:
+    try:
+        return normalise_email(raw)
+    except FieldError:
+        return None
+
+
+_ATEXT = st.sampled_from(list("abcXYZ019!#$%&'*+/=?^_`{|}~-.\"@ é"))
+_DOMAINS = st.sampled_from(
+    [
+        "example.com",
+        "EXAMPLE.co.uk",
+        "gmail.com",
+        "localhost",
+        "x.local",
+        "ex-ample.org",
+        "-bad.com",
+        "a..b.com",
+        "münchen.de",
+        "example.com.",
+        "123.45",
+        "x.test",
+        "a" * 70 + ".com",
+    ]
+)
+
+
+@settings(max_examples=400)
+@given(
+    st.one_of(
+        st.builds(
+            lambda loc, dom: f"{''.join(loc)}@{dom}", st.lists(_ATEXT, max_size=70), _DOMAINS
+        ),
+        st.text(max_size=40),
+    )
+)
+def test_the_email_fast_path_agrees_with_email_validator(raw: str) -> None:
+    assert _fast_email(raw) == _slow_email(raw)
 
 
 # --- birthday ---------------------------------------------------------------------------------

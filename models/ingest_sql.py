@@ -1,0 +1,421 @@
+"""The statements of the bulk upsert (models/ingest.py), per database.
+
+Every function takes a whole page's rows and costs one round trip on PostgreSQL:
+
+- reads join the page's keys (`unnest` of array parameters) to the table through a LATERAL
+  subquery with `LIMIT 1`, which the planner cannot flatten: each key is one probe of a unique
+  index, whatever the table statistics say. (A plain `= ANY(array)` is planned from statistics,
+  and right after a bulk load they say "empty table": a filter over every row of the store.)
+- writes are `INSERT … SELECT FROM unnest(arrays)` / `UPDATE … FROM unnest(arrays)`: one
+  parameter per column, so the statement text is the same for every page and is parsed and
+  planned once per connection, where a multi-row VALUES list would be re-parsed every time.
+- the reference metadata is merged by the database: `metadata || patch` (shallow).
+
+On SQLite (embedded, in-process, no round trips) the same operations are plain SQLAlchemy Core
+statements run with executemany; there the caller passes metadata already merged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from models.tables import Customer, ExternalReference, UTCDateTime
+
+_customers: Table = Customer.__table__  # type: ignore[assignment]
+_references: Table = ExternalReference.__table__  # type: ignore[assignment]
+
+REFERENCE_COLUMNS = (
+    "id",
+    "source",
+    "external_id",
+    "customer_id",
+    "content_hash",
+    "source_version",
+    "source_updated_at",
+    "deleted_at",
+    "metadata",
+)
+CUSTOMER_COLUMNS = (
+    "id",
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "birth_year",
+    "birth_month",
+    "birth_day",
+    "state",
+    "merged_into_id",
+)
+# The customer columns a page writes (besides id/store/state/metadata/created_at).
+CUSTOMER_VALUES = (
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "birth_year",
+    "birth_month",
+    "birth_day",
+    "search_text",
+)
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _column(rows: Sequence[dict[str, Any]], name: str) -> list[Any]:
+    return [row[name] for row in rows]
+
+
+def _json(rows: Sequence[dict[str, Any]], name: str) -> list[str]:
+    return [json.dumps(row[name], ensure_ascii=False, separators=(",", ":")) for row in rows]
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+_PG_REFERENCES = text(
+    f"""
+    SELECT {", ".join(f"r.{c}" for c in REFERENCE_COLUMNS)}
+    FROM unnest(CAST(:sources AS text[]), CAST(:external_ids AS text[])) AS k(source, external_id)
+    JOIN LATERAL (
+        SELECT * FROM external_references x
+        WHERE x.store_id = :store_id AND x.source = k.source AND x.external_id = k.external_id
+        LIMIT 1
+    ) r ON true
+    """  # noqa: S608 - the column names are constants; every value is bound
+)
+
+
+def fetch_references(
+    session: Session, store_id: int, keys: Iterable[tuple[str, str]]
+) -> Sequence[Row[Any]]:
+    """The references among `keys` (source, external_id)."""
+    pairs = sorted(set(keys))
+    if not pairs:
+        return []
+    if is_postgres(session):
+        return session.execute(
+            _PG_REFERENCES,
+            {
+                "store_id": store_id,
+                "sources": [s for s, _ in pairs],
+                "external_ids": [e for _, e in pairs],
+            },
+        ).all()
+    by_source: dict[str, list[str]] = {}
+    for source, external_id in pairs:
+        by_source.setdefault(source, []).append(external_id)
+    r = _references
+    return session.execute(
+        select(*(r.c[c] for c in REFERENCE_COLUMNS)).where(
+            r.c.store_id == store_id,
+            or_(
+                *(
+                    and_(r.c.source == source, r.c.external_id.in_(ids))
+                    for source, ids in by_source.items()
+                )
+            ),
+        )
+    ).all()
+
+
+_PG_CUSTOMERS = text(
+    f"""
+    SELECT {", ".join(CUSTOMER_COLUMNS)} FROM customers
+    WHERE store_id = :store_id
+      AND (id = ANY(CAST(:ids AS bigint[])) OR email = ANY(CAST(:emails AS text[]))
+           OR phone = ANY(CAST(:phones AS text[])))
+    """  # noqa: S608 - the column names are constants; every value is bound
+)
+
+
+def fetch_customers(
+    session: Session,
+    store_id: int,
+    ids: Iterable[int],
+    emails: Iterable[str],
+    phones: Iterable[str],
+) -> Sequence[Row[Any]]:
+    """The store's customers with any of these ids, emails or phones."""
+    id_list, email_list, phone_list = sorted(set(ids)), sorted(set(emails)), sorted(set(phones))
+    if not (id_list or email_list or phone_list):
+        return []
+    if is_postgres(session):
+        return session.execute(
+            _PG_CUSTOMERS,
+            {"store_id": store_id, "ids": id_list, "emails": email_list, "phones": phone_list},
+        ).all()
+    c = _customers
+    conditions: list[ColumnElement[bool]] = []
+    if id_list:
+        conditions.append(c.c.id.in_(id_list))
+    if email_list:
+        conditions.append(c.c.email.in_(email_list))
+    if phone_list:
+        conditions.append(c.c.phone.in_(phone_list))
+    return session.execute(
+        select(*(c.c[name] for name in CUSTOMER_COLUMNS)).where(
+            c.c.store_id == store_id, or_(*conditions)
+        )
+    ).all()
+
+
+# --- writes -----------------------------------------------------------------------------------
+
+_PG_NEXT_IDS = text(
+    "SELECT nextval(pg_get_serial_sequence('customers', 'id')) FROM generate_series(1, :n)"
+)
+_PG_INSERT_CUSTOMERS = text(
+    """
+    INSERT INTO customers (id, store_id, first_name, last_name, email, phone, birth_year,
+                           birth_month, birth_day, search_text, metadata, state, created_at,
+                           updated_at)
+    SELECT u.id, :store_id, u.first_name, u.last_name, u.email, u.phone, u.birth_year,
+           u.birth_month, u.birth_day, u.search_text, '{}'::jsonb, 'active', :now, :now
+    FROM unnest(CAST(:id AS bigint[]), CAST(:first_name AS text[]), CAST(:last_name AS text[]),
+                CAST(:email AS text[]), CAST(:phone AS text[]), CAST(:birth_year AS smallint[]),
+                CAST(:birth_month AS smallint[]), CAST(:birth_day AS smallint[]),
+                CAST(:search_text AS text[]))
+         AS u(id, first_name, last_name, email, phone, birth_year, birth_month, birth_day,
+              search_text)
+    """
+)
+
+
+def insert_customers(
+    session: Session, store_id: int, rows: Sequence[dict[str, Any]], now: dt.datetime
+) -> list[int]:
+    """Insert new customers (`CUSTOMER_VALUES` keys); their ids, in order."""
+    if not rows:
+        return []
+    if is_postgres(session):
+        ids = [int(i) for i in session.execute(_PG_NEXT_IDS, {"n": len(rows)}).scalars()]
+        params: dict[str, Any] = {name: _column(rows, name) for name in CUSTOMER_VALUES}
+        session.execute(
+            _PG_INSERT_CUSTOMERS, {**params, "id": ids, "store_id": store_id, "now": now}
+        )
+        return ids
+    values = [
+        {
+            **{name: row[name] for name in CUSTOMER_VALUES},
+            "store_id": store_id,
+            "state": "active",
+            "metadata": {},
+            "created_at": now,
+            "updated_at": now,
+        }
+        for row in rows
+    ]
+    result = session.execute(
+        insert(_customers).returning(_customers.c.id, sort_by_parameter_order=True), values
+    )
+    return [int(i) for i in result.scalars().all()]
+
+
+_PG_UPDATE_CUSTOMERS = text(
+    """
+    UPDATE customers AS c SET
+        first_name = u.first_name, last_name = u.last_name, email = u.email, phone = u.phone,
+        birth_year = u.birth_year, birth_month = u.birth_month, birth_day = u.birth_day,
+        search_text = u.search_text, updated_at = :now
+    FROM unnest(CAST(:id AS bigint[]), CAST(:first_name AS text[]), CAST(:last_name AS text[]),
+                CAST(:email AS text[]), CAST(:phone AS text[]), CAST(:birth_year AS smallint[]),
+                CAST(:birth_month AS smallint[]), CAST(:birth_day AS smallint[]),
+                CAST(:search_text AS text[]))
+         AS u(id, first_name, last_name, email, phone, birth_year, birth_month, birth_day,
+              search_text)
+    WHERE c.id = u.id
+    """
+)
+
+
+def update_customers(session: Session, rows: Sequence[dict[str, Any]], now: dt.datetime) -> None:
+    """Overwrite `CUSTOMER_VALUES` of existing customers (rows carry `id`)."""
+    if not rows:
+        return
+    if is_postgres(session):
+        params: dict[str, Any] = {name: _column(rows, name) for name in CUSTOMER_VALUES}
+        session.execute(_PG_UPDATE_CUSTOMERS, {**params, "id": _column(rows, "id"), "now": now})
+        return
+    c = _customers
+    session.execute(
+        update(c)
+        .where(c.c.id == bindparam("_id"))
+        .values({**{name: bindparam(name) for name in CUSTOMER_VALUES}, "updated_at": now}),
+        [{"_id": row["id"], **{name: row[name] for name in CUSTOMER_VALUES}} for row in rows],
+    )
+
+
+_PG_INSERT_REFERENCES = text(
+    """
+    INSERT INTO external_references (store_id, customer_id, source, external_id, metadata,
+                                     source_updated_at, source_version, content_hash,
+                                     deleted_at, created_at, updated_at)
+    SELECT :store_id, u.customer_id, u.source, u.external_id, u.metadata, u.source_updated_at,
+           u.source_version, u.content_hash, u.deleted_at, :now, :now
+    FROM unnest(CAST(:customer_id AS bigint[]), CAST(:source AS text[]),
+                CAST(:external_id AS text[]), CAST(:metadata AS jsonb[]),
+                CAST(:source_updated_at AS timestamptz[]), CAST(:source_version AS bigint[]),
+                CAST(:content_hash AS text[]), CAST(:deleted_at AS timestamptz[]))
+         AS u(customer_id, source, external_id, metadata, source_updated_at, source_version,
+              content_hash, deleted_at)
+    """
+)
+REFERENCE_VALUES = (
+    "customer_id",
+    "source",
+    "external_id",
+    "metadata",
+    "source_updated_at",
+    "source_version",
+    "content_hash",
+    "deleted_at",
+)
+
+
+def insert_references(
+    session: Session, store_id: int, rows: Sequence[dict[str, Any]], now: dt.datetime
+) -> None:
+    """Insert new references (`REFERENCE_VALUES` keys)."""
+    if not rows:
+        return
+    if is_postgres(session):
+        params: dict[str, Any] = {
+            name: _json(rows, name) if name == "metadata" else _column(rows, name)
+            for name in REFERENCE_VALUES
+        }
+        session.execute(_PG_INSERT_REFERENCES, {**params, "store_id": store_id, "now": now})
+        return
+    session.execute(
+        insert(_references),
+        [
+            {
+                **{name: row[name] for name in REFERENCE_VALUES},
+                "store_id": store_id,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for row in rows
+        ],
+    )
+
+
+_PG_UPDATE_REFERENCES = text(
+    """
+    UPDATE external_references AS r SET
+        metadata = r.metadata || u.patch, customer_id = u.customer_id,
+        content_hash = u.content_hash, source_version = u.source_version,
+        source_updated_at = u.source_updated_at, deleted_at = u.deleted_at, updated_at = :now
+    FROM unnest(CAST(:id AS bigint[]), CAST(:patch AS jsonb[]), CAST(:customer_id AS bigint[]),
+                CAST(:content_hash AS text[]), CAST(:source_version AS bigint[]),
+                CAST(:source_updated_at AS timestamptz[]), CAST(:deleted_at AS timestamptz[]))
+         AS u(id, patch, customer_id, content_hash, source_version, source_updated_at,
+              deleted_at)
+    WHERE r.id = u.id
+    """
+)
+_REFERENCE_UPDATES = (
+    "customer_id",
+    "content_hash",
+    "source_version",
+    "source_updated_at",
+    "deleted_at",
+)
+
+
+def update_references(session: Session, rows: Sequence[dict[str, Any]], now: dt.datetime) -> None:
+    """Update references (rows: `id`, `patch`, `_REFERENCE_UPDATES`).
+
+    PostgreSQL merges `patch` into the stored metadata; elsewhere `patch` must already be the
+    merged metadata (the caller holds the write lock: SQLite has one writer).
+    """
+    if not rows:
+        return
+    if is_postgres(session):
+        params: dict[str, Any] = {name: _column(rows, name) for name in _REFERENCE_UPDATES}
+        session.execute(
+            _PG_UPDATE_REFERENCES,
+            {**params, "id": _column(rows, "id"), "patch": _json(rows, "patch"), "now": now},
+        )
+        return
+    r = _references
+    session.execute(
+        update(r)
+        .where(r.c.id == bindparam("_id"))
+        .values(
+            {
+                "metadata": bindparam("patch", type_=r.c.metadata.type),
+                **{name: bindparam(name) for name in _REFERENCE_UPDATES},
+                "updated_at": now,
+            }
+        ),
+        [
+            {"_id": row["id"], "patch": row["patch"], **{n: row[n] for n in _REFERENCE_UPDATES}}
+            for row in rows
+        ],
+    )
+
+
+_PG_BUMP_REFERENCES = text(
+    """
+    UPDATE external_references AS r SET
+        source_version = COALESCE(u.source_version, r.source_version),
+        source_updated_at = COALESCE(u.source_updated_at, r.source_updated_at)
+    FROM unnest(CAST(:id AS bigint[]), CAST(:source_version AS bigint[]),
+                CAST(:source_updated_at AS timestamptz[]))
+         AS u(id, source_version, source_updated_at)
+    WHERE r.id = u.id
+    """
+)
+
+
+def bump_references(
+    session: Session, rows: Sequence[tuple[int, int | None, dt.datetime | None]]
+) -> None:
+    """Record a newer source version/time on references whose content did not change."""
+    if not rows:
+        return
+    if is_postgres(session):
+        session.execute(
+            _PG_BUMP_REFERENCES,
+            {
+                "id": [i for i, _, _ in rows],
+                "source_version": [v for _, v, _ in rows],
+                "source_updated_at": [u for _, _, u in rows],
+            },
+        )
+        return
+    r = _references
+    session.execute(
+        update(r)
+        .where(r.c.id == bindparam("_id"))
+        .values(
+            source_version=func.coalesce(
+                bindparam("_version", type_=BigInteger()), r.c.source_version
+            ),
+            source_updated_at=func.coalesce(
+                bindparam("_updated", type_=UTCDateTime()), r.c.source_updated_at
+            ),
+        ),
+        [{"_id": i, "_version": v, "_updated": u} for i, v, u in rows],
+    )
