@@ -395,7 +395,7 @@ class _Planner:
                 source_version=row.source_version,
                 source_updated_at=_aware(row.source_updated_at),
                 deleted_at=_aware(row.deleted_at),
-                metadata=dict(row.metadata or {}),
+                metadata=dict(row._mapping.get("metadata") or {}),
             )
         return found
 

@@ -6,9 +6,9 @@ Every function takes a whole page's rows and costs one round trip on PostgreSQL:
   subquery with `LIMIT 1`, which the planner cannot flatten: each key is one probe of a unique
   index, whatever the table statistics say. (A plain `= ANY(array)` is planned from statistics,
   and right after a bulk load they say "empty table": a filter over every row of the store.)
-- writes are `INSERT … SELECT FROM unnest(arrays)` / `UPDATE … FROM unnest(arrays)`: one
-  parameter per column, so the statement text is the same for every page and is parsed and
-  planned once per connection, where a multi-row VALUES list would be re-parsed every time.
+- new rows go in by COPY; updates are `UPDATE … FROM unnest(arrays)`: one parameter per
+  column, so the statement text is the same for every page (a multi-row VALUES list would be
+  a new statement to parse every time).
 - the reference metadata is merged by the database: `metadata || patch` (shallow).
 
 On SQLite (embedded, in-process, no round trips) the same operations are plain SQLAlchemy Core
@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -36,6 +37,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.tables import Customer, ExternalReference, UTCDateTime
@@ -88,14 +90,14 @@ def _column(rows: Sequence[dict[str, Any]], name: str) -> list[Any]:
 
 
 def _json(rows: Sequence[dict[str, Any]], name: str) -> list[str]:
-    return [json.dumps(row[name], ensure_ascii=False, separators=(",", ":")) for row in rows]
+    return [_dump(row[name]) for row in rows]
 
 
 # --- reads ------------------------------------------------------------------------------------
 
 _PG_REFERENCES = text(
     f"""
-    SELECT {", ".join(f"r.{c}" for c in REFERENCE_COLUMNS)}
+    SELECT {", ".join(f"r.{c}" for c in REFERENCE_COLUMNS if c != "metadata")}
     FROM unnest(CAST(:sources AS text[]), CAST(:external_ids AS text[])) AS k(source, external_id)
     JOIN LATERAL (
         SELECT * FROM external_references x
@@ -109,7 +111,11 @@ _PG_REFERENCES = text(
 def fetch_references(
     session: Session, store_id: int, keys: Iterable[tuple[str, str]]
 ) -> Sequence[Row[Any]]:
-    """The references among `keys` (source, external_id)."""
+    """The references among `keys` (source, external_id).
+
+    Their metadata only on SQLite, where the caller merges it; PostgreSQL merges in SQL, so the
+    page does not decode what it will not use.
+    """
     pairs = sorted(set(keys))
     if not pairs:
         return []
@@ -182,23 +188,33 @@ def fetch_customers(
 
 # --- writes -----------------------------------------------------------------------------------
 
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _copy(
+    session: Session, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """`COPY table (columns) FROM STDIN` on the session's connection, in its transaction.
+
+    New rows go in by COPY: twice the rows per second of `INSERT … SELECT FROM unnest` measured
+    on the references (no per-statement parse of array literals). A unique violation (a writer
+    outside the ingest lock took a key since the page looked) surfaces as SQLAlchemy's
+    IntegrityError, like a failed INSERT, so the page is planned again.
+    """
+    raw = session.connection().connection.driver_connection
+    statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+    try:
+        with raw.cursor() as cursor, cursor.copy(statement) as copy:  # type: ignore[union-attr]
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.errors.IntegrityError as exc:
+        raise IntegrityError(statement, None, exc) from exc
+
+
 _PG_NEXT_IDS = text(
     "SELECT nextval(pg_get_serial_sequence('customers', 'id')) FROM generate_series(1, :n)"
-)
-_PG_INSERT_CUSTOMERS = text(
-    """
-    INSERT INTO customers (id, store_id, first_name, last_name, email, phone, birth_year,
-                           birth_month, birth_day, search_text, metadata, state, created_at,
-                           updated_at)
-    SELECT u.id, :store_id, u.first_name, u.last_name, u.email, u.phone, u.birth_year,
-           u.birth_month, u.birth_day, u.search_text, '{}'::jsonb, 'active', :now, :now
-    FROM unnest(CAST(:id AS bigint[]), CAST(:first_name AS text[]), CAST(:last_name AS text[]),
-                CAST(:email AS text[]), CAST(:phone AS text[]), CAST(:birth_year AS smallint[]),
-                CAST(:birth_month AS smallint[]), CAST(:birth_day AS smallint[]),
-                CAST(:search_text AS text[]))
-         AS u(id, first_name, last_name, email, phone, birth_year, birth_month, birth_day,
-              search_text)
-    """
 )
 
 
@@ -210,9 +226,14 @@ def insert_customers(
         return []
     if is_postgres(session):
         ids = [int(i) for i in session.execute(_PG_NEXT_IDS, {"n": len(rows)}).scalars()]
-        params: dict[str, Any] = {name: _column(rows, name) for name in CUSTOMER_VALUES}
-        session.execute(
-            _PG_INSERT_CUSTOMERS, {**params, "id": ids, "store_id": store_id, "now": now}
+        _copy(
+            session,
+            "customers",
+            ("id", "store_id", *CUSTOMER_VALUES, "metadata", "state", "created_at", "updated_at"),
+            (
+                (new_id, store_id, *(row[n] for n in CUSTOMER_VALUES), "{}", "active", now, now)
+                for new_id, row in zip(ids, rows, strict=True)
+            ),
         )
         return ids
     values = [
@@ -266,21 +287,6 @@ def update_customers(session: Session, rows: Sequence[dict[str, Any]], now: dt.d
     )
 
 
-_PG_INSERT_REFERENCES = text(
-    """
-    INSERT INTO external_references (store_id, customer_id, source, external_id, metadata,
-                                     source_updated_at, source_version, content_hash,
-                                     deleted_at, created_at, updated_at)
-    SELECT :store_id, u.customer_id, u.source, u.external_id, u.metadata, u.source_updated_at,
-           u.source_version, u.content_hash, u.deleted_at, :now, :now
-    FROM unnest(CAST(:customer_id AS bigint[]), CAST(:source AS text[]),
-                CAST(:external_id AS text[]), CAST(:metadata AS jsonb[]),
-                CAST(:source_updated_at AS timestamptz[]), CAST(:source_version AS bigint[]),
-                CAST(:content_hash AS text[]), CAST(:deleted_at AS timestamptz[]))
-         AS u(customer_id, source, external_id, metadata, source_updated_at, source_version,
-              content_hash, deleted_at)
-    """
-)
 REFERENCE_VALUES = (
     "customer_id",
     "source",
@@ -300,11 +306,20 @@ def insert_references(
     if not rows:
         return
     if is_postgres(session):
-        params: dict[str, Any] = {
-            name: _json(rows, name) if name == "metadata" else _column(rows, name)
-            for name in REFERENCE_VALUES
-        }
-        session.execute(_PG_INSERT_REFERENCES, {**params, "store_id": store_id, "now": now})
+        _copy(
+            session,
+            "external_references",
+            ("store_id", *REFERENCE_VALUES, "created_at", "updated_at"),
+            (
+                (
+                    store_id,
+                    *(_dump(row[n]) if n == "metadata" else row[n] for n in REFERENCE_VALUES),
+                    now,
+                    now,
+                )
+                for row in rows
+            ),
+        )
         return
     session.execute(
         insert(_references),
