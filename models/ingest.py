@@ -192,9 +192,9 @@ def _text(value: str | None, limit: int = NAME_MAX) -> str | None:
 def _attributes(record: ForeignCustomer) -> dict[str, Any]:
     """The reference-metadata patch: None values dropped (absent never clears), text made
     storable, size-capped (a source with thousands of tags must not break the page)."""
-    patch = _storable({str(k): v for k, v in record.attributes.items() if v is not None})
+    patch, size = _storable({str(k): v for k, v in record.attributes.items() if v is not None})
     budget = METADATA_MAX_BYTES // 2
-    if _size(patch) <= budget:
+    if size <= budget:
         return patch
     kept: dict[str, Any] = {}
     dropped = []
@@ -216,19 +216,19 @@ def _size(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False, default=str).encode())
 
 
-def _storable(patch: dict[str, Any]) -> dict[str, Any]:
-    """JSON both databases accept: no NUL characters, no lone surrogates."""
+def _storable(patch: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """JSON both databases accept (no NUL characters, no lone surrogates) and its size."""
     encoded = json.dumps(patch, ensure_ascii=False, default=str)
     try:
-        encoded.encode("utf-8")
+        data = encoded.encode("utf-8")
     except UnicodeEncodeError:
         pass
     else:
         if "\\u0000" not in encoded:
-            return patch
+            return patch, len(data)
     cleaned = encoded.encode("utf-8", "replace").decode("utf-8").replace("\\u0000", "")
     result: dict[str, Any] = json.loads(cleaned)
-    return result
+    return result, len(cleaned.encode("utf-8"))
 
 
 @dataclass(slots=True)

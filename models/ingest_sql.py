@@ -236,21 +236,26 @@ def insert_customers(
             ),
         )
         return ids
-    values = [
-        {
-            **{name: row[name] for name in CUSTOMER_VALUES},
-            "store_id": store_id,
-            "state": "active",
-            "metadata": {},
-            "created_at": now,
-            "updated_at": now,
-        }
-        for row in rows
-    ]
-    result = session.execute(
-        insert(_customers).returning(_customers.c.id, sort_by_parameter_order=True), values
+    # SQLite has one writer, and this transaction is it (BEGIN IMMEDIATE): the ids after the
+    # current maximum are ours, and one executemany with explicit ids beats RETURNING per row.
+    first = int(session.scalar(select(func.coalesce(func.max(_customers.c.id), 0))) or 0) + 1
+    ids = list(range(first, first + len(rows)))
+    session.execute(
+        insert(_customers),
+        [
+            {
+                **{name: row[name] for name in CUSTOMER_VALUES},
+                "id": new_id,
+                "store_id": store_id,
+                "state": "active",
+                "metadata": {},
+                "created_at": now,
+                "updated_at": now,
+            }
+            for new_id, row in zip(ids, rows, strict=True)
+        ],
     )
-    return [int(i) for i in result.scalars().all()]
+    return ids
 
 
 _PG_UPDATE_CUSTOMERS = text(
