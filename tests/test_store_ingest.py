@@ -704,3 +704,27 @@ def test_concurrent_upserts_of_one_external_id_make_one_customer(
         assert total == 2 * n
         # Whatever the order they ran in, the newest version won (older ones came in stale).
         assert customer_of(s, store_id, "shopify", "same").first_name == f"W{n - 1}"
+
+
+def test_oversized_attributes_are_trimmed_and_bad_text_made_storable(
+    session: Session, make_store: MakeStore
+) -> None:
+    store_id, _ = make_store()
+    tags = [f"tag-{i:05d}-{'x' * 40}" for i in range(1000)]  # ~50 KB
+    counts = apply(
+        session,
+        store_id,
+        rec(
+            "1",
+            first_name="Bad\ud800Name",
+            email="a@example.com",
+            attributes={"tags": tags, "state": "enabled", "note": "n\ud800"},
+        ),
+    )
+    assert counts.created == 1
+    customer = customer_of(session, store_id, "shopify", "1")
+    assert customer.first_name == "Bad?Name"
+    metadata = customer.external_references[0].metadata_
+    assert metadata["state"] == "enabled"
+    assert metadata["note"] == "n?"
+    assert "tags" not in metadata  # dropped (and logged) rather than failing the page
