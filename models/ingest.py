@@ -118,21 +118,6 @@ class IngestPolicy:
         if not self.match_by or set(self.match_by) - set(MATCH_KEYS):
             raise ValueError("match_by must name email and/or phone")
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> IngestPolicy:
-        """From a connection's `config` (`owned_fields`, `match_by` lists); ValueError if bad."""
-        owned = config.get("owned_fields")
-        match_by = config.get("match_by")
-        for name, value in (("owned_fields", owned), ("match_by", match_by)):
-            if value is not None and (
-                not isinstance(value, list) or not all(isinstance(v, str) for v in value)
-            ):
-                raise ValueError(f"{name} must be a list of field names")
-        return cls(
-            owned_fields=OWNABLE_FIELDS if owned is None else frozenset(owned),
-            match_by=MATCH_KEYS if match_by is None else tuple(match_by),
-        )
-
 
 @dataclass(slots=True)
 class PageCounts:

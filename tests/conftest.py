@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -32,6 +34,26 @@ BACKENDS = ["sqlite", "postgresql"]
 
 def _worker_suffix() -> str:
     return f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{os.getpid()}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Put back the logging set-up a test changed (a CLI command configures structlog and the
+    stdlib root logger to print to *its* stderr, which is closed after the command). Without
+    this, a logger first used by a later test would be cached on that closed stream."""
+    was_configured = structlog.is_configured()
+    structlog_config = structlog.get_config()
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+    if was_configured:
+        structlog.configure(**structlog_config)
+    else:
+        structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

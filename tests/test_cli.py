@@ -7,7 +7,6 @@ runs the real `loyalty-sync up` in a fresh directory and talks to it over HTTP.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -15,13 +14,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import structlog
 from sqlalchemy import Engine, select
 from typer.testing import CliRunner, Result
 
@@ -43,27 +40,14 @@ SETTINGS_VARIABLES = (
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No configuration leaks in from the environment or a `.env`, and the logging set-up each
-    command does (global state) is put back so other tests keep theirs."""
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No configuration leaks in from the environment or a `.env` (the logging set-up each
+    command does is put back by conftest's `_restore_logging`)."""
     for name in SETTINGS_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
-    was_configured = structlog.is_configured()
-    structlog_config = structlog.get_config()
-    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "uvicorn.access")]
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
-    yield
-    for lg, handlers, level, propagate in saved:
-        lg.handlers[:] = handlers
-        lg.setLevel(level)
-        lg.propagate = propagate
-    if was_configured:
-        structlog.configure(**structlog_config)
-    else:
-        structlog.reset_defaults()
 
 
 def run(db_url: str | None, *args: str, **env: str) -> Result:

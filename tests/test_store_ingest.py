@@ -427,20 +427,6 @@ def test_field_ownership_and_excluded_state_are_respected(
     )
 
 
-def test_policy_from_connection_config() -> None:
-    policy = IngestPolicy.from_config({"owned_fields": ["email"], "match_by": ["email"]})
-    assert policy == IngestPolicy(owned_fields=frozenset({"email"}), match_by=("email",))
-    assert IngestPolicy.from_config({}) == IngestPolicy()
-    bad_configs: list[dict[str, Any]] = [
-        {"owned_fields": ["state"]},
-        {"match_by": []},
-        {"owned_fields": "email"},
-    ]
-    for bad in bad_configs:
-        with pytest.raises(ValueError):
-            IngestPolicy.from_config(bad)
-
-
 def test_content_hash_depends_on_content_not_on_timestamps() -> None:
     a = rec("1", email="a@example.com", attributes={"x": 1, "y": 2})
     b = rec(

@@ -117,6 +117,10 @@ connect_app = typer.Typer(
     no_args_is_help=True,
 )
 connections_app = typer.Typer(help="A store's connections to sources.", no_args_is_help=True)
+sync_app = typer.Typer(help="Sync customers from a source into the store.", no_args_is_help=True)
+conflicts_app = typer.Typer(
+    help="Records a sync could not write (ambiguous identity).", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
 app.add_typer(store_app, name="store")
 app.add_typer(token_app, name="token")
@@ -124,6 +128,8 @@ app.add_typer(card_app, name="card")
 app.add_typer(reward_app, name="reward")
 app.add_typer(connect_app, name="connect")
 app.add_typer(connections_app, name="connections")
+app.add_typer(sync_app, name="sync")
+app.add_typer(conflicts_app, name="conflicts")
 
 
 @app.callback()
@@ -513,6 +519,141 @@ def connections_list(
     with transaction(ctx) as session:
         result = [render_connection(c) for c in list_connections(session, store_id=store)]
     emit(result)
+
+
+# --- sync runs and conflicts -------------------------------------------------------------------
+
+
+class SyncSource(StrEnum):
+    shopify = "shopify"
+    square = "square"
+
+
+def _human_summary(summary: dict[str, Any]) -> str:
+    text = (
+        f"Sync {summary['status']}{' (dry run)' if summary['dry_run'] else ''}: "
+        f"{summary['pages']} pages, {summary['requests']} requests, {summary['seen']} seen, "
+        f"{summary['created']} created, {summary['updated']} updated, "
+        f"{summary['linked']} linked, {summary['unchanged']} unchanged, "
+        f"{summary['skipped']} skipped, {summary['conflicts']} conflicts"
+    )
+    if summary["resumed"]:
+        text += " (resumed)"
+    return text
+
+
+@sync_app.command("run")
+def sync_run(
+    ctx: typer.Context,
+    store: StoreOption,
+    source: Annotated[SyncSource, typer.Option("--source", help="Which source to pull from")],
+    full: Annotated[
+        bool, typer.Option("--full", help="Every record, not only those changed since last run")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would change; write nothing")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="The summary as JSON on stdout")] = False,
+    connection: Annotated[
+        int | None,
+        typer.Option("--connection", help="Connection id (when the store has several)"),
+    ] = None,
+) -> None:
+    """Pull the source's customers into the store, page by page (resumes an interrupted run).
+
+    Exits 0 when the run succeeded, 1 otherwise (the summary is printed either way).
+    """
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from models.sync_state import pick_connection
+    from worker.sync import SyncSummary, run_customer_sync
+
+    settings = _settings(ctx)
+    key = _secret_key(ctx)
+    console = Console(stderr=True)
+    with database(ctx) as engine:
+        sessions = make_sessionmaker(engine)
+        with sessions() as session:
+            connection_id = pick_connection(
+                session, store_id=store, source=source.value, connection_id=connection
+            ).id
+        with Progress(
+            SpinnerColumn(),
+            TextColumn(f"{source.value} sync"),
+            TextColumn("{task.fields[pages]} pages, {task.fields[records]} records"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task("sync", total=None, pages=0, records=0)
+
+            def on_page(summary: SyncSummary) -> None:
+                progress.update(task, pages=summary.pages, records=summary.seen)
+
+            summary = run_customer_sync(
+                sessions,
+                connection_id=connection_id,
+                full=full,
+                dry_run=dry_run,
+                settings=settings,
+                key=key,
+                on_page=on_page,
+            )
+    result = summary.as_dict()
+    if as_json:
+        emit(result)
+    else:
+        typer.echo(_human_summary(result))
+    if not summary.succeeded:
+        fail(f"sync {summary.status}: {summary.error or 'unknown error'}")
+
+
+@conflicts_app.command("list")
+def conflicts_list(
+    ctx: typer.Context,
+    store: Annotated[int | None, typer.Option("--store", help="Only this store's")] = None,
+    include_resolved: Annotated[bool, typer.Option("--all", help="Resolved conflicts too")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list on stdout")] = False,
+) -> None:
+    """List sync conflicts: records not written because their identity is ambiguous."""
+    from models.sync_state import list_conflicts, render_conflict
+
+    with transaction(ctx) as session:
+        rows = list_conflicts(session, store_id=store, include_resolved=include_resolved)
+        result = [render_conflict(c) for c in rows]
+    if as_json:
+        emit(result)
+        return
+    if not result:
+        typer.echo("No conflicts.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Sync conflicts")
+    for column in ("id", "store", "source", "external id", "kind", "detail", "customers", "seen"):
+        table.add_column(column)
+    table.add_column("last seen")
+    if include_resolved:
+        table.add_column("resolved")
+    for c in result:
+        cells = [
+            str(c["id"]),
+            str(c["store_id"]),
+            c["source"],
+            c["external_id"],
+            c["kind"],
+            c["detail"],
+            ", ".join(str(i) for i in c["customer_ids"]),
+            str(c["occurrences"]),
+            c["last_seen_at"] or "",
+        ]
+        if include_resolved:
+            cells.append(c["resolved_at"] or "")
+        table.add_row(*cells)
+    Console(width=200).print(table)
 
 
 def main() -> None:
