@@ -145,13 +145,27 @@ def fetch_references(
     ).all()
 
 
-_PG_CUSTOMERS = text(
-    f"""
-    SELECT {", ".join(CUSTOMER_COLUMNS)} FROM customers
-    WHERE store_id = :store_id
-      AND (id = ANY(CAST(:ids AS bigint[])) OR email = ANY(CAST(:emails AS text[]))
-           OR phone = ANY(CAST(:phones AS text[])))
+def _pg_customers_by(column: str, cast: str) -> str:
+    return f"""
+    SELECT c.* FROM unnest(CAST(:{column}s AS {cast}[])) AS k(v)
+    JOIN LATERAL (
+        SELECT {", ".join(CUSTOMER_COLUMNS)} FROM customers x
+        WHERE x.store_id = :store_id AND x.{column} = k.v LIMIT 1
+    ) c ON true
     """  # noqa: S608 - the column names are constants; every value is bound
+
+
+# One probe of a unique index per key. (`WHERE store_id = ? AND (email = ANY(?) OR …)` was
+# planned, with a store of ~900k customers and no fresh statistics, as a bitmap scan of the
+# whole store filtered row by row: 0.6 s per page.)
+_PG_CUSTOMERS = text(
+    " UNION ".join(
+        (
+            _pg_customers_by("id", "bigint"),
+            _pg_customers_by("email", "text"),
+            _pg_customers_by("phone", "text"),
+        )
+    )
 )
 
 
