@@ -421,6 +421,54 @@ class IdempotentRequest(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class WebhookEvent(Base):
+    """The webhook inbox: one row per signed delivery, committed before the 200 is sent.
+
+    `(source, dedupe_key)` is unique: a redelivery (Shopify `X-Shopify-Webhook-Id`, Square
+    `event_id`) never becomes a second row. `body` is the raw request body as received (base64
+    when it was not UTF-8 text, see `last_error`), `headers` the delivery's own headers without
+    any signature. Rows the API could not route (unknown shop/merchant, unhandled topic) are kept
+    as `ignored`, signed but unparseable bodies as `invalid`; the worker drains `pending` ones
+    (`processing`, then `done` or `failed`). `store_id`/`connection_id` are set when exactly one
+    enabled connection matches `(source, account)`; NULL otherwise (route by `account` then).
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        UniqueConstraint("source", "dedupe_key"),
+        Index("ix_webhook_events_status_next_attempt_at", "status", "next_attempt_at"),
+        CheckConstraint("source IN ('shopify', 'square')", name="source"),
+        CheckConstraint(
+            "status IN ('pending', 'ignored', 'invalid', 'processing', 'done', 'failed')",
+            name="status",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    source: Mapped[str] = mapped_column(String(32))
+    dedupe_key: Mapped[str] = mapped_column(String(255))
+    # Shopify `X-Shopify-Topic` (`customers/update`), Square `type` (`customer.updated`).
+    topic: Mapped[str | None] = mapped_column(String(128))
+    event_id: Mapped[str | None] = mapped_column(String(255))
+    store_id: Mapped[int | None] = mapped_column(
+        ForeignKey("stores.id", ondelete="CASCADE"), index=True
+    )
+    connection_id: Mapped[int | None] = mapped_column(
+        ForeignKey("connections.id", ondelete="SET NULL"), index=True
+    )
+    # Shopify: the shop domain, lower-case; Square: the merchant id (as in `connections`).
+    account: Mapped[str | None] = mapped_column(String(255))
+    api_version: Mapped[str | None] = mapped_column(String(32))
+    triggered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    headers: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
+
+
 __all__ = [
     "ApiToken",
     "Base",
@@ -437,6 +485,7 @@ __all__ = [
     "SyncConflict",
     "SyncRun",
     "SyncState",
+    "WebhookEvent",
     "is_valid_id",
     "utcnow",
 ]

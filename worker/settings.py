@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/loyalty.db"
+MIB = 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -32,6 +33,27 @@ class Settings(BaseSettings):
     square_version: str = Field(default="2026-08-19", alias="SQUARE_VERSION")
     # Encrypts connection credentials at rest; unset → a key generated once into ./var/secret.key.
     secret_key: str | None = Field(default=None, alias="SECRET_KEY")
+    # Webhook intake. An empty secret/key disables its endpoint (404); it never means "open".
+    # Comma-separated Shopify app secrets: any one verifies, so a secret can be rotated.
+    shopify_api_secrets: SecretStr = Field(default=SecretStr(""), alias="SHOPIFY_API_SECRETS")
+    # The notification URL exactly as configured in the Square subscription (it is signed).
+    square_webhook_url: str = Field(default="", alias="SQUARE_WEBHOOK_URL")
+    square_webhook_signature_key: SecretStr = Field(
+        default=SecretStr(""), alias="SQUARE_WEBHOOK_SIGNATURE_KEY"
+    )
+    webhook_max_bytes: int = Field(default=MIB, alias="WEBHOOK_MAX_BYTES", ge=1)
+    # Group commit: deliveries arriving together share one INSERT and one commit.
+    webhook_batch_max_rows: int = Field(default=200, alias="WEBHOOK_BATCH_MAX_ROWS", ge=1, le=1000)
+    webhook_batch_wait_ms: float = Field(default=2.0, alias="WEBHOOK_BATCH_WAIT_MS", ge=0, le=1000)
+    # How long a shop domain / merchant id → connection look-up (hit or miss) is reused.
+    webhook_route_cache_seconds: float = Field(
+        default=5.0, alias="WEBHOOK_ROUTE_CACHE_SECONDS", ge=0
+    )
+
+    def shopify_secrets(self) -> tuple[str, ...]:
+        """The configured Shopify secrets (blank entries dropped; empty = endpoint disabled)."""
+        raw = self.shopify_api_secrets.get_secret_value()
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
 
     @field_validator("wallet_base_url")
     @classmethod
