@@ -25,7 +25,6 @@ from typing import Any
 import psycopg
 from sqlalchemy import (
     BigInteger,
-    ColumnElement,
     Row,
     Table,
     and_,
@@ -185,19 +184,19 @@ def fetch_customers(
             _PG_CUSTOMERS,
             {"store_id": store_id, "ids": id_list, "emails": email_list, "phones": phone_list},
         ).all()
+    # One SELECT per key kind, each on its own unique index (an OR of the three made SQLite
+    # walk every customer of the store).
     c = _customers
-    conditions: list[ColumnElement[bool]] = []
-    if id_list:
-        conditions.append(c.c.id.in_(id_list))
-    if email_list:
-        conditions.append(c.c.email.in_(email_list))
-    if phone_list:
-        conditions.append(c.c.phone.in_(phone_list))
-    return session.execute(
-        select(*(c.c[name] for name in CUSTOMER_COLUMNS)).where(
-            c.c.store_id == store_id, or_(*conditions)
-        )
-    ).all()
+    columns = [c.c[name] for name in CUSTOMER_COLUMNS]
+    rows: list[Row[Any]] = []
+    for column, values in ((c.c.id, id_list), (c.c.email, email_list), (c.c.phone, phone_list)):
+        if values:
+            rows.extend(
+                session.execute(
+                    select(*columns).where(c.c.store_id == store_id, column.in_(values))
+                ).all()
+            )
+    return rows
 
 
 # --- writes -----------------------------------------------------------------------------------
