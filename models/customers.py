@@ -49,8 +49,9 @@ class _Unset:
 
 UNSET: Final = _Unset()
 
-# Customers left out of lists and searches: merged away (their survivor is listed) and erased.
-HIDDEN_STATES: Final = ("merged", "redacted")
+# Customers left out of lists and searches: merged away (their survivor is listed), erased, and
+# the holders of tombstones of records deleted before they ever arrived (models/ingest.py).
+HIDDEN_STATES: Final = ("merged", "redacted", "deleted")
 
 
 @dataclass(slots=True)

@@ -94,6 +94,8 @@ OWNABLE_FIELDS: Final = frozenset({"first_name", "last_name", "email", "phone", 
 MATCH_KEYS: Final = ("email", "phone")
 ADVISORY_LOCK_CLASS: Final = 0x4C53  # "LS": the ingest lock namespace (pg_advisory_xact_lock)
 MAX_ATTEMPTS: Final = 3
+# The state of a customer that only holds the tombstone of a record deleted before it arrived.
+DELETED: Final = "deleted"
 
 _customers: Table = Customer.__table__  # type: ignore[assignment]
 _references: Table = ExternalReference.__table__  # type: ignore[assignment]
@@ -541,7 +543,7 @@ class _Planner:
             return None, False
         return (matches[0] if matches else None), True
 
-    def new_customer(self) -> _CustomerRow:
+    def new_customer(self, state: str = "active") -> _CustomerRow:
         customer = _CustomerRow(
             id=None,
             first_name=None,
@@ -551,7 +553,7 @@ class _Planner:
             birth_year=None,
             birth_month=None,
             birth_day=None,
-            state="active",
+            state=state,
             changed=True,
             new=True,
         )
@@ -636,14 +638,22 @@ def _decide(
     attributes = _attributes(record)
     if record.deleted or values is None:
         if ref is None or customer is None:
-            plan.counts.unchanged += 1  # nothing of it here to delete
-            return
+            if record.version is None and record.source_updated_at is None:
+                plan.counts.unchanged += 1  # nothing here to delete, nothing to date it by
+                return
+            # A delete that overtook its create (webhooks arrive out of order): remember it, so
+            # the late create, older than the delete, is stale instead of bringing it back.
+            customer = planner.new_customer(state=DELETED)
         plan.ref_writes.append(_RefWrite(record, customer, ref, digest, attributes, deleted=True))
-        if ref.deleted_at is None:
+        if ref is None or ref.deleted_at is None:
             plan.counts.deleted += 1
         else:
             plan.counts.unchanged += 1
         return
+    placeholder = None
+    if customer is not None and customer.state == DELETED:
+        # Newer than the delete that was remembered without a customer: a person after all.
+        placeholder, customer = customer, None
     found = customer
     if found is None:
         matched, ok = planner.match(record, values)
@@ -659,7 +669,14 @@ def _decide(
             (found.id, owner.id),
         )
         return
-    target = found if found is not None else planner.new_customer()
+    if found is not None:
+        target = found
+    elif placeholder is not None:
+        target = placeholder
+        target.state = "active"
+        target.changed = True
+    else:
+        target = planner.new_customer()
     extra = planner.apply_fields(target, values, new=found is None)
     plan.ref_writes.append(
         _RefWrite(record, target, ref, digest, {**attributes, **extra}, deleted=False)
@@ -714,6 +731,7 @@ def _customer_values(customer: _CustomerRow) -> dict[str, Any]:
         "search_text": build_search_text(
             customer.first_name, customer.last_name, customer.email, customer.phone
         ),
+        "state": customer.state,
     }
 
 

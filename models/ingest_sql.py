@@ -77,6 +77,7 @@ CUSTOMER_VALUES = (
     "birth_month",
     "birth_day",
     "search_text",
+    "state",
 )
 
 
@@ -242,9 +243,9 @@ def insert_customers(
         _copy(
             session,
             "customers",
-            ("id", "store_id", *CUSTOMER_VALUES, "metadata", "state", "created_at", "updated_at"),
+            ("id", "store_id", *CUSTOMER_VALUES, "metadata", "created_at", "updated_at"),
             (
-                (new_id, store_id, *(row[n] for n in CUSTOMER_VALUES), "{}", "active", now, now)
+                (new_id, store_id, *(row[n] for n in CUSTOMER_VALUES), "{}", now, now)
                 for new_id, row in zip(ids, rows, strict=True)
             ),
         )
@@ -260,7 +261,6 @@ def insert_customers(
                 **{name: row[name] for name in CUSTOMER_VALUES},
                 "id": new_id,
                 "store_id": store_id,
-                "state": "active",
                 "metadata": {},
                 "created_at": now,
                 "updated_at": now,
@@ -276,13 +276,13 @@ _PG_UPDATE_CUSTOMERS = text(
     UPDATE customers AS c SET
         first_name = u.first_name, last_name = u.last_name, email = u.email, phone = u.phone,
         birth_year = u.birth_year, birth_month = u.birth_month, birth_day = u.birth_day,
-        search_text = u.search_text, updated_at = :now
+        search_text = u.search_text, state = u.state, updated_at = :now
     FROM unnest(CAST(:id AS bigint[]), CAST(:first_name AS text[]), CAST(:last_name AS text[]),
                 CAST(:email AS text[]), CAST(:phone AS text[]), CAST(:birth_year AS smallint[]),
                 CAST(:birth_month AS smallint[]), CAST(:birth_day AS smallint[]),
-                CAST(:search_text AS text[]))
+                CAST(:search_text AS text[]), CAST(:state AS text[]))
          AS u(id, first_name, last_name, email, phone, birth_year, birth_month, birth_day,
-              search_text)
+              search_text, state)
     WHERE c.id = u.id
     """
 )

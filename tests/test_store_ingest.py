@@ -714,3 +714,49 @@ def test_oversized_attributes_are_trimmed_and_bad_text_made_storable(
     assert metadata["state"] == "enabled"
     assert metadata["note"] == "n?"
     assert "tags" not in metadata  # dropped (and logged) rather than failing the page
+
+
+def test_a_delete_that_overtakes_its_create_keeps_the_record_deleted(
+    session: Session, make_store: MakeStore
+) -> None:
+    store_id, _ = make_store()
+    counts = apply(
+        session, store_id, rec("9", deleted=True, source_updated_at=T0 + dt.timedelta(1))
+    )
+    assert counts.deleted == 1
+    # The create (older than the delete) arrives late: stale, nobody appears.
+    counts = apply(session, store_id, rec("9", first_name="Late", email="late@example.com"))
+    assert counts.stale == 1
+    assert live_customers(session, store_id) == 0
+    assert list_customers(session, store_id=store_id).total_count == 0
+    # Something newer than the delete is a person after all.
+    counts = apply(
+        session,
+        store_id,
+        rec(
+            "9", first_name="Back", email="back@example.com", source_updated_at=T0 + dt.timedelta(2)
+        ),
+    )
+    assert counts.created == 1
+    back = customer_of(session, store_id, "shopify", "9")
+    assert (back.first_name, back.email, back.state) == ("Back", "back@example.com", "active")
+    assert back.external_references[0].deleted_at is None
+
+
+def test_a_remembered_delete_later_matching_an_existing_customer_links_to_it(
+    session: Session, make_store: MakeStore
+) -> None:
+    store_id, _ = make_store()
+    apply(session, store_id, rec("1", first_name="Ann", email="ann@example.com"))
+    apply(session, store_id, rec("2", deleted=True, source_updated_at=T0))
+    counts = apply(
+        session,
+        store_id,
+        rec("2", first_name="Ann", email="ann@example.com", source_updated_at=T0 + dt.timedelta(1)),
+    )
+    assert counts.linked == 1
+    assert (
+        customer_of(session, store_id, "shopify", "2").id
+        == customer_of(session, store_id, "shopify", "1").id
+    )
+    assert live_customers(session, store_id) == 1
