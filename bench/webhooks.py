@@ -1,0 +1,306 @@
+"""Benchmark of webhook intake and processing on PostgreSQL.
+
+    uv run python bench/webhooks.py [--n 20000] [--customers 5000] [--concurrency 50]
+                                    [--workers 2] [--admin-url URL] [--keep]
+
+1. A throwaway database `loyalty_bench_webhooks` on the local PostgreSQL, migrated, with one
+   store and its Shopify connection.
+2. `loyalty-sync api` in a subprocess (its own core; LOG_LEVEL=WARNING) with a known
+   SHOPIFY_API_SECRETS.
+3. N signed `customers/update` deliveries (for `--customers` customers, each updated several
+   times with increasing `updated_at`, sent in shuffled order) over `--concurrency` keep-alive
+   connections: accepted req/s, p50/p99 latency. Every answer must be 200 accepted.
+4. `--workers` worker processes drain the inbox (`models.webhook_processing.drain`, the code the
+   Celery task runs, in plain processes so the figure is the processing, not the broker):
+   events/s from the first claim until no row is pending, then a check that the store equals
+   the newest update of every customer.
+
+Targets (issue 4): ≥ 5k accepted req/s per API process with p99 ≤ 25 ms; ≥ 5k events/s drained
+with 2 workers. Exits 1 when the check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, func, select, text
+
+from models import accounts
+from models.connections import connect
+from models.db import make_engine, make_sessionmaker, normalise_url
+from models.migrate import upgrade
+from models.tables import Customer, ExternalReference, WebhookEvent
+from worker.secret_key import resolve_secret_key
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+BENCH_DB = "loyalty_bench_webhooks"
+SECRET = "bench-webhook-secret"
+SHOP = "bench-shop.myshopify.com"
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+DRAIN_CODE = """
+import sys, time
+from models.db import make_engine, make_sessionmaker
+from models.webhook_processing import drain
+engine = make_engine(sys.argv[1], pool_size=2)
+sm = make_sessionmaker(engine)
+idle_since = None
+while True:
+    result = drain(sm, batch_size=int(sys.argv[2]))
+    if result.claimed:
+        idle_since = None
+    else:
+        idle_since = idle_since or time.monotonic()
+        if time.monotonic() - idle_since > 3:
+            break
+        time.sleep(0.05)
+"""
+
+
+def recreate_database(admin_url: str, name: str, *, drop_only: bool = False) -> None:
+    admin = create_engine(normalise_url(admin_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            if not drop_only:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def api_server(database_url: str) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "SHOPIFY_API_SECRETS": SECRET,
+        "LOG_LEVEL": "WARNING",
+        "SECRET_KEY": "bench",
+    }
+    command = [sys.executable, "-m", "worker.cli", "api", "--port", str(port)]
+    with tempfile.NamedTemporaryFile("w+", prefix="bench-webhooks-", suffix=".log") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"the API server exited:\n{log.read()[-4000:]}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise SystemExit("the API server did not become healthy within 30 s")
+                time.sleep(0.1)
+            yield base_url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def deliveries(n: int, customers: int, rng: random.Random) -> list[tuple[bytes, dict[str, str]]]:
+    """N signed `customers/update` deliveries, shuffled; the last update of each customer is
+    the one with the largest `updated_at`."""
+    out = []
+    for i in range(n):
+        number = i % customers
+        version = i // customers
+        body = json.dumps(
+            {
+                "id": 7_000_000_000 + number,
+                "first_name": f"First{number}",
+                "last_name": f"Last{number}v{version}",
+                "email": f"customer{number}@example.com",
+                "phone": None,
+                "state": "enabled",
+                "tags": "bench, webhook",
+                "updated_at": (T0 + dt.timedelta(seconds=version)).isoformat(),
+                "admin_graphql_api_id": f"gid://shopify/Customer/{7_000_000_000 + number}",
+            }
+        ).encode()
+        signature = base64.b64encode(hmac.new(SECRET.encode(), body, hashlib.sha256).digest())
+        headers = {
+            "Content-Type": "application/json",
+            "X-Shopify-Topic": "customers/update",
+            "X-Shopify-Shop-Domain": SHOP,
+            "X-Shopify-Webhook-Id": f"bench-{i}",
+            "X-Shopify-Event-Id": f"event-{i}",
+            "X-Shopify-Triggered-At": (T0 + dt.timedelta(seconds=version)).isoformat(),
+            "X-Shopify-API-Version": "2026-10",
+            "X-Shopify-Hmac-Sha256": signature.decode(),
+        }
+        out.append((body, headers))
+    rng.shuffle(out)
+    return out
+
+
+async def send_all(
+    base_url: str, items: Sequence[tuple[bytes, dict[str, str]]], concurrency: int
+) -> tuple[list[float], dict[str, int], float]:
+    latencies: list[float] = []
+    outcomes: dict[str, int] = {}
+    queue: asyncio.Queue[tuple[bytes, dict[str, str]]] = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+
+        async def worker() -> None:
+            while True:
+                try:
+                    body, headers = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                start = time.perf_counter()
+                response = await client.post("/webhooks/shopify", content=body, headers=headers)
+                latencies.append(time.perf_counter() - start)
+                key = str(response.status_code)
+                if response.status_code == 200:
+                    key = response.json().get("status", "?")
+                outcomes[key] = outcomes.get(key, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return latencies, outcomes, elapsed
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20000, help="deliveries")
+    parser.add_argument("--customers", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--admin-url", default=ADMIN_URL)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args(argv)
+
+    recreate_database(args.admin_url, BENCH_DB)
+    url = normalise_url(args.admin_url).set(database=BENCH_DB)
+    database_url = url.render_as_string(hide_password=False)
+    engine = make_engine(database_url)
+    upgrade(engine)
+    sm = make_sessionmaker(engine)
+    with sm() as session:
+        store, _ = accounts.create_store(session, name="Bench", country="US")
+        connect(
+            session,
+            store_id=store.id,
+            source="shopify",
+            account=SHOP,
+            access_token="unused",
+            api_base_url="http://127.0.0.1:9",
+            api_version=None,
+            key=resolve_secret_key(Settings(DATABASE_URL=database_url, SECRET_KEY="bench")),
+        )
+        session.commit()
+    items = deliveries(args.n, args.customers, random.Random(args.seed))
+    print(f"PostgreSQL {BENCH_DB}; {args.n} deliveries for {args.customers} customers")
+    print(f"load average before: {os.getloadavg()[0]:.2f} (2 CPUs)")
+    try:
+        with api_server(database_url) as base_url:
+            latencies, outcomes, elapsed = asyncio.run(send_all(base_url, items, args.concurrency))
+        rate = args.n / elapsed
+        p50, p99 = percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000
+        print(
+            f"intake: {rate:,.0f} accepted req/s at {args.concurrency} connections; "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms; answers {outcomes}"
+            f"  [target ≥ 5,000 req/s, p99 ≤ 25 ms]"
+        )
+        started = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", DRAIN_CODE, database_url, str(args.batch_size)], cwd=ROOT
+            )
+            for _ in range(args.workers)
+        ]
+        with sm() as session:
+            while True:
+                left = session.scalar(
+                    select(func.count())
+                    .select_from(WebhookEvent)
+                    .where(WebhookEvent.status.in_(("pending", "processing")))
+                )
+                session.rollback()
+                if not left:
+                    break
+                time.sleep(0.05)
+        drained = time.perf_counter() - started
+        for proc in procs:
+            proc.wait(timeout=60)
+        print(
+            f"processing: {args.n / drained:,.0f} events/s with {args.workers} worker processes "
+            f"({drained:.1f} s)  [target ≥ 5,000 events/s]"
+        )
+        with sm() as session:
+            statuses = dict(
+                session.execute(
+                    select(WebhookEvent.status, func.count()).group_by(WebhookEvent.status)
+                ).all()
+            )
+            live = session.scalar(select(func.count()).select_from(Customer)) or 0
+            refs = session.scalar(select(func.count()).select_from(ExternalReference)) or 0
+            last = args.n // args.customers - (1 if args.n % args.customers == 0 else 0)
+            sample = session.scalar(
+                select(Customer.last_name)
+                .join(ExternalReference, ExternalReference.customer_id == Customer.id)
+                .where(ExternalReference.external_id == str(7_000_000_000))
+            )
+        ok = (
+            statuses == {"done": args.n}
+            and live == args.customers
+            and refs == args.customers
+            and sample == f"Last0v{last}"
+        )
+        print(
+            f"check: events {statuses}, customers {live}, references {refs}, "
+            f"customer 0 last name {sample!r} (expected 'Last0v{last}'): {'OK' if ok else 'FAIL'}"
+        )
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return 0 if ok else 1
+    finally:
+        engine.dispose()
+        if not args.keep:
+            recreate_database(args.admin_url, BENCH_DB, drop_only=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
