@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -121,6 +126,7 @@ sync_app = typer.Typer(help="Sync customers from a source into the store.", no_a
 conflicts_app = typer.Typer(
     help="Records a sync could not write (ambiguous identity).", no_args_is_help=True
 )
+events_app = typer.Typer(help="The webhook inbox: received deliveries.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(store_app, name="store")
 app.add_typer(token_app, name="token")
@@ -130,6 +136,7 @@ app.add_typer(connect_app, name="connect")
 app.add_typer(connections_app, name="connections")
 app.add_typer(sync_app, name="sync")
 app.add_typer(conflicts_app, name="conflicts")
+app.add_typer(events_app, name="events")
 
 
 @app.callback()
@@ -188,15 +195,29 @@ PortOption = Annotated[
 
 
 def serve_api(settings: Settings, *, host: str, port: int) -> None:
-    """Serve the REST API in the foreground until SIGINT/SIGTERM."""
+    """Serve the REST API in the foreground until SIGINT/SIGTERM; each inbox commit wakes the
+    workers (one drain message per burst of commits, see `worker.tasks.DrainWaker`)."""
     import uvicorn
 
     from api.app import create_app
+    from worker.celery_app import broker_url, configure, ensure_broker_directory
+    from worker.tasks import DrainWaker
 
-    # uvicorn shuts down gracefully on Ctrl+C, then re-raises the signal: that is no error.
-    with suppress(KeyboardInterrupt):
-        # log_config=None keeps uvicorn on the root logger that configure_logging set up.
-        uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+    configure(settings)
+    ensure_broker_directory(broker_url(settings))
+    waker = DrainWaker().start()
+    try:
+        # uvicorn shuts down gracefully on Ctrl+C, then re-raises the signal: that is no error.
+        with suppress(KeyboardInterrupt):
+            # log_config=None keeps uvicorn on the root logger that configure_logging set up.
+            uvicorn.run(
+                create_app(settings, on_webhooks_committed=waker),
+                host=host,
+                port=port,
+                log_config=None,
+            )
+    finally:
+        waker.stop()
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,9 +244,134 @@ def api_command(ctx: typer.Context, host: HostOption = None, port: PortOption = 
     serve_api(settings, host=host or settings.api_host, port=port or settings.api_port)
 
 
+ConcurrencyOption = Annotated[
+    int, typer.Option("--concurrency", min=1, max=64, help="Worker processes draining the inbox")
+]
+PARENT_PID_VARIABLE = "LOYALTY_SYNC_PARENT_PID"
+WORKER_STOP_SECONDS = 20.0
+
+
+def run_worker(settings: Settings, *, concurrency: int, sweep_interval: float) -> int:
+    """A Celery worker in the foreground (prefork pool of `concurrency` processes) until
+    SIGINT/SIGTERM (warm shutdown: running tasks finish); returns its exit code."""
+    from celery.signals import worker_ready, worker_shutting_down
+
+    from worker import tasks
+    from worker.celery_app import broker_url, configure, ensure_broker_directory
+
+    celery = configure(settings)
+    ensure_broker_directory(broker_url(settings))
+    tasks.database.use(settings.database_url)
+    parent = os.environ.get(PARENT_PID_VARIABLE, "")
+    periodic = tasks.PeriodicSweep(
+        interval=sweep_interval, parent_pid=int(parent) if parent.isdigit() else None
+    )
+
+    # The thread starts once the pool has forked its children (never before a fork).
+    def _ready(**_kwargs: Any) -> None:
+        periodic.start()
+
+    def _stopping(**_kwargs: Any) -> None:
+        periodic.stop()
+
+    worker_ready.connect(_ready, weak=False)
+    worker_shutting_down.connect(_stopping, weak=False)
+    try:
+        worker = celery.Worker(
+            hostname=f"loyalty-sync-{os.getpid()}@{socket.gethostname()}",
+            concurrency=concurrency,
+            pool="prefork",
+            loglevel=settings.log_level.upper(),
+            quiet=True,  # no banner on stdout
+            without_gossip=True,
+            without_mingle=True,
+            without_heartbeat=True,
+        )
+        worker.start()
+        return int(worker.exitcode or 0)
+    finally:
+        periodic.stop()
+        worker_ready.disconnect(_ready)
+        worker_shutting_down.disconnect(_stopping)
+
+
+@app.command("worker")
+def worker_command(
+    ctx: typer.Context,
+    concurrency: ConcurrencyOption = 2,
+    sweep_interval: Annotated[
+        float,
+        typer.Option(
+            "--sweep-interval", min=0.1, hidden=True, help="Seconds between periodic sweeps"
+        ),
+    ] = 30.0,
+) -> None:
+    """Run a worker: drains the webhook inbox when the API wakes it, sweeps every 30 s."""
+    settings = _settings(ctx)
+    from worker.celery_app import broker_url
+
+    say(
+        f"Worker: {concurrency} process(es), broker {_safe_broker(broker_url(settings))}, "
+        f"database {_safe_url(settings.database_url)}. Ctrl+C stops."
+    )
+    code = run_worker(settings, concurrency=concurrency, sweep_interval=sweep_interval)
+    if code:
+        fail(f"the worker stopped with exit code {code}")
+
+
+def _safe_broker(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable CELERY_BROKER_URL>"
+
+
+class WorkerProcess:
+    """`loyalty-sync worker` as a child of `up`: started before the API, stopped after it
+    (SIGTERM, then SIGKILL if it does not finish in time). It stops itself if `up` dies."""
+
+    def __init__(self, *, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())}
+        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "worker",
+                "--concurrency",
+                str(self.concurrency),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,  # `up` prints nothing on stdout; logs go to stderr
+        )
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(WORKER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @app.command("up")
-def up(ctx: typer.Context, host: HostOption = None, port: PortOption = None) -> None:
-    """Everything on one machine: migrate the database, then serve the API."""
+def up(
+    ctx: typer.Context,
+    host: HostOption = None,
+    port: PortOption = None,
+    concurrency: ConcurrencyOption = 1,
+) -> None:
+    """Everything on one machine: migrate the database, then run the worker and serve the API."""
     from models.tables import Store
 
     settings = _settings(ctx)
@@ -241,10 +387,16 @@ def up(ctx: typer.Context, host: HostOption = None, port: PortOption = None) -> 
             'No store yet: create one with `loyalty-sync store create --name "My shop"` '
             "(it prints the store's API token)."
         )
-    say(f"Serving the API on http://{host}:{port} (docs at /docs). Ctrl+C stops.")
-    # The API for now; the sync worker and beat join this list in a later issue.
-    services = [Service("api", lambda: serve_api(settings, host=host, port=port))]
-    run_services(services)
+    say(f"Serving the API on http://{host}:{port} (docs at /docs), with a worker. Ctrl+C stops.")
+    # The worker runs as a child process (Celery and uvicorn each want a main thread and their
+    # own signal handlers); beat joins in a later issue.
+    worker = WorkerProcess(concurrency=concurrency)
+    worker.start()
+    try:
+        services = [Service("api", lambda: serve_api(settings, host=host, port=port))]
+        run_services(services)
+    finally:
+        worker.stop()
 
 
 # --- stores and tokens --------------------------------------------------------------------------
@@ -654,6 +806,120 @@ def conflicts_list(
             cells.append(c["resolved_at"] or "")
         table.add_row(*cells)
     Console(width=200).print(table)
+
+
+# --- webhook events (the inbox) ---------------------------------------------------------------
+
+
+class EventStatus(StrEnum):
+    pending = "pending"
+    processing = "processing"
+    done = "done"
+    failed = "failed"
+    ignored = "ignored"
+    invalid = "invalid"
+
+
+@events_app.command("list")
+def events_list(
+    ctx: typer.Context,
+    status: Annotated[EventStatus | None, typer.Option("--status", help="Only this status")] = None,
+    store: Annotated[int | None, typer.Option("--store", help="Only this store's")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list on stdout")] = False,
+) -> None:
+    """List received webhook deliveries, newest first (without their bodies)."""
+    from models.webhook_processing import list_events, render_event
+
+    with transaction(ctx) as session:
+        rows = list_events(
+            session, status=status.value if status else None, store_id=store, limit=limit
+        )
+        result = [render_event(e) for e in rows]
+    if as_json:
+        emit(result)
+        return
+    if not result:
+        typer.echo("No webhook events.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Webhook events")
+    columns = ("id", "source", "topic", "store", "account", "status", "attempts", "received")
+    for column in (*columns, "error"):
+        table.add_column(column)
+    for e in result:
+        table.add_row(
+            str(e["id"]),
+            e["source"],
+            e["topic"] or "",
+            "" if e["store_id"] is None else str(e["store_id"]),
+            e["account"] or "",
+            e["status"],
+            str(e["attempts"]),
+            e["received_at"] or "",
+            e["last_error"] or "",
+        )
+    Console(width=200).print(table)
+
+
+@events_app.command("show")
+def events_show(
+    ctx: typer.Context, event_id: Annotated[int, typer.Argument(metavar="ID", help="Event id")]
+) -> None:
+    """One webhook delivery with its body and headers."""
+    from models.tables import WebhookEvent
+    from models.webhook_processing import render_event
+
+    with transaction(ctx) as session:
+        event = session.get(WebhookEvent, event_id)
+        if event is None:
+            fail(f"webhook event {event_id} not found")
+        result = render_event(event, with_body=True)
+    emit(result)
+
+
+@events_app.command("replay")
+def events_replay(
+    ctx: typer.Context,
+    event_id: Annotated[
+        int | None, typer.Argument(metavar="[ID]", help="Replay this event")
+    ] = None,
+    status: Annotated[
+        EventStatus | None,
+        typer.Option("--status", help="Replay every event of this status (e.g. failed)"),
+    ] = None,
+) -> None:
+    """Put deliveries back to pending (attempts reset) and wake the workers: one event by id,
+    or all of a status."""
+    from models.tables import WebhookEvent
+    from models.webhook_processing import replay
+
+    if (event_id is None) == (status is None):
+        fail("give exactly one of ID or --status", code=2)
+    if status in (EventStatus.pending, EventStatus.processing):
+        fail(f"can't replay rows with status {status.value!r}", code=2)
+    with transaction(ctx) as session:
+        if event_id is not None and session.get(WebhookEvent, event_id) is None:
+            fail(f"webhook event {event_id} not found")
+        count = replay(session, event_id=event_id, status=status.value if status else None)
+    if count:
+        _wake_workers(_settings(ctx))
+    emit({"replayed": count})
+
+
+def _wake_workers(settings: Settings) -> None:
+    """Best effort: the worker's periodic sweep drains the rows anyway."""
+    from worker.celery_app import broker_url, configure, ensure_broker_directory
+    from worker.tasks import send_drain
+
+    configure(settings)
+    ensure_broker_directory(broker_url(settings))
+    try:
+        send_drain()
+    except Exception as exc:  # noqa: BLE001 - the rows are committed as pending
+        say(f"Could not wake the workers ({type(exc).__name__}); the periodic sweep will.")
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, alias="DB_POOL_SIZE", ge=1)
     # Shared state for workers (rate budgets, locks); in-process equivalents when unset.
     redis_url: str | None = Field(default=None, alias="REDIS_URL")
+    # Celery broker (e.g. redis://127.0.0.1:6379/0); unset → SQLite broker file under ./var/.
+    celery_broker_url: str | None = Field(default=None, alias="CELERY_BROKER_URL")
     # Foreign API versions are pinned: payload shapes change between versions.
     shopify_api_version: str = Field(default="2026-10", alias="SHOPIFY_API_VERSION")
     square_version: str = Field(default="2026-08-19", alias="SQUARE_VERSION")

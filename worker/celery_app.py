@@ -1,0 +1,115 @@
+"""The Celery app `loyalty_sync` (an edge: reads the settings).
+
+Broker: `CELERY_BROKER_URL` (Redis in production) or, unset, the embedded default: kombu's
+SQLAlchemy transport on a SQLite file under `./var/` (no server). No result backend: tasks log
+their results, nobody waits for them. Tasks are registered explicitly (`include`), never by
+autodiscovery; their names are dotted (`loyalty_sync.webhooks.drain`, …).
+
+The database is the source of truth, not the broker: a drain message only says "look at the
+inbox now". A lost message (broker down, worker killed) costs latency, never data: the worker's
+periodic sweep re-drives whatever is left pending.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.engine import make_url
+
+from worker.settings import Settings
+
+APP_NAME = "loyalty_sync"
+QUEUE = "loyalty_sync"
+EMBEDDED_BROKER_URL = "sqla+sqlite:///./var/celery-broker.sqlite"
+TASK_MODULES = ("worker.tasks",)
+# A drain task handles at most this many batches, then re-enqueues itself if more is due: time
+# limits stay meaningful and other tasks get their turn.
+SOFT_TIME_LIMIT = 240
+TIME_LIMIT = 300
+
+
+def broker_url(settings: Settings) -> str:
+    """The broker: `CELERY_BROKER_URL`, else the embedded SQLite broker under `./var/`."""
+    return settings.celery_broker_url or EMBEDDED_BROKER_URL
+
+
+def is_sqla_broker(url: str) -> bool:
+    return url.startswith(("sqla+", "sqlalchemy+"))
+
+
+def ensure_broker_directory(url: str) -> None:
+    """Create the directory of a SQLite broker file (e.g. `./var/`)."""
+    if not is_sqla_broker(url):
+        return
+    parsed = make_url(url.split("+", 1)[1])
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The app's configuration for `settings` (a plain dict: tested on its own)."""
+    url = broker_url(settings)
+    embedded = is_sqla_broker(url)
+    config: dict[str, Any] = {
+        "broker_url": url,
+        "broker_connection_retry_on_startup": True,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_default_queue": QUEUE,
+        # A task is acknowledged after it ran: a worker dying mid-task leaves the message
+        # to be redelivered (and the rows it claimed to the sweeper).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": SOFT_TIME_LIMIT,
+        "task_time_limit": TIME_LIMIT,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "timezone": "UTC",
+        "enable_utc": True,
+        # Our logging set-up (worker/logging.py) stays in charge.
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        # The SQLAlchemy transport has no fanout: no remote control, gossip or mingle there.
+        "worker_enable_remote_control": not embedded,
+        "worker_send_task_events": False,
+    }
+    if embedded:
+        # SQLite waits for the write lock instead of failing at once (API and worker share it).
+        config["broker_transport_options"] = {"connect_args": {"timeout": 30}}
+    else:
+        # Redis: redeliver an unacknowledged message after the longest a task can run.
+        config["broker_transport_options"] = {"visibility_timeout": TIME_LIMIT + 60}
+    return config
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from `settings` (the environment when None)."""
+    celery = Celery(APP_NAME, include=list(TASK_MODULES), set_as_current=False)
+    celery.conf.update(celery_config(settings or Settings()))
+    return celery
+
+
+def configure(settings: Settings) -> Celery:
+    """Re-configure the process-wide `app` from `settings` (the CLI does this once)."""
+    config = celery_config(settings)
+    if app.conf.broker_url != config["broker_url"]:
+        _drop_broker_connections(app)
+    app.conf.update(config)
+    return app
+
+
+def _drop_broker_connections(celery: Celery) -> None:
+    """Forget pooled broker connections and producers (they belong to the previous URL)."""
+    pool = celery._pool
+    if pool is not None:
+        pool.force_close_all()
+    celery._pool = None
+    amqp = celery.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+
+
+app = create_celery()
