@@ -28,10 +28,7 @@ import datetime as dt
 import os
 import random
 import secrets
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,11 +37,12 @@ from typing import Any
 
 import httpx
 import phonenumbers
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.harness import recreate_database, server
 from models import accounts, cards
 from models import customers as customer_ops
 from models.db import make_engine, make_sessionmaker, normalise_url
@@ -158,17 +156,6 @@ def make_people(rng: random.Random, count: int) -> list[Person]:
 
 
 # --- database set-up and bulk seed --------------------------------------------------------------
-
-
-def recreate_database(admin_url: str, name: str, *, drop_only: bool = False) -> None:
-    admin = create_engine(normalise_url(admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            if not drop_only:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
 
 
 @dataclass(slots=True)
@@ -538,44 +525,11 @@ uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[2]), log_l
 """
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def api_server(database_url: str) -> Iterator[str]:
     """The real app under uvicorn in a subprocess (its own core); yields its base URL."""
-    port = free_port()
-    with tempfile.NamedTemporaryFile("w+", prefix="bench-api-", suffix=".log") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER_CODE, database_url, str(port)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise SystemExit(f"the API server exited:\n{log.read()[-4000:]}")
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise SystemExit("the API server did not become healthy within 30 s")
-                time.sleep(0.1)
-            yield base_url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with server(lambda port: [sys.executable, "-c", SERVER_CODE, database_url, str(port)]) as url:
+        yield url
 
 
 # --- EXPLAIN -----------------------------------------------------------------------------------

@@ -31,18 +31,17 @@ import hmac
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
+from bench.harness import recreate_database, server
 from models import accounts
 from models.connections import connect
 from models.db import make_engine, make_sessionmaker, normalise_url
@@ -77,26 +76,8 @@ while True:
 """
 
 
-def recreate_database(admin_url: str, name: str, *, drop_only: bool = False) -> None:
-    admin = create_engine(normalise_url(admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            if not drop_only:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def api_server(database_url: str) -> Iterator[str]:
-    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -104,30 +85,10 @@ def api_server(database_url: str) -> Iterator[str]:
         "LOG_LEVEL": "WARNING",
         "SECRET_KEY": "bench",
     }
-    command = [sys.executable, "-m", "worker.cli", "api", "--port", str(port)]
-    with tempfile.NamedTemporaryFile("w+", prefix="bench-webhooks-", suffix=".log") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise SystemExit(f"the API server exited:\n{log.read()[-4000:]}")
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise SystemExit("the API server did not become healthy within 30 s")
-                time.sleep(0.1)
-            yield base_url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with server(
+        lambda port: [sys.executable, "-m", "worker.cli", "api", "--port", str(port)], env=env
+    ) as url:
+        yield url
 
 
 def deliveries(n: int, customers: int, rng: random.Random) -> list[tuple[bytes, dict[str, str]]]:

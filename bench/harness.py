@@ -1,0 +1,74 @@
+"""What the benchmarks share: a scratch PostgreSQL database and a server in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, text
+
+from models.db import normalise_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def recreate_database(admin_url: str, name: str, *, drop_only: bool = False) -> None:
+    """Drop database `name` (forcing its connections off) and, unless `drop_only`, create it."""
+    admin = create_engine(normalise_url(admin_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            if not drop_only:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server(
+    command: Callable[[int], list[str]], *, env: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """Run `command(port)` in a subprocess (its own core) until `/healthz` answers 200; yield
+    its base URL; stop it afterwards (SIGTERM, then SIGKILL after 10 s)."""
+    port = free_port()
+    with tempfile.NamedTemporaryFile("w+", prefix="bench-server-", suffix=".log") as log:
+        proc = subprocess.Popen(
+            command(port),
+            cwd=ROOT,
+            env=dict(env) if env is not None else None,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"the server exited:\n{log.read()[-4000:]}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise SystemExit("the server did not become healthy within 30 s")
+                time.sleep(0.1)
+            yield base_url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
