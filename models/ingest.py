@@ -51,20 +51,8 @@ from typing import Any, Final
 
 import structlog
 from sqlalchemy import (
-    BigInteger,
-    ColumnElement,
-    Table,
-    Text,
-    and_,
-    any_,
-    bindparam,
-    or_,
     text,
-    update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -81,10 +69,7 @@ from models.normalize import (
     parse_birthday,
 )
 from models.tables import (
-    Customer,
-    ExternalReference,
     Store,
-    SyncConflict,
     utcnow,
 )
 
@@ -96,10 +81,6 @@ ADVISORY_LOCK_CLASS: Final = 0x4C53  # "LS": the ingest lock namespace (pg_advis
 MAX_ATTEMPTS: Final = 3
 # The state of a customer that only holds the tombstone of a record deleted before it arrived.
 DELETED: Final = "deleted"
-
-_customers: Table = Customer.__table__  # type: ignore[assignment]
-_references: Table = ExternalReference.__table__  # type: ignore[assignment]
-_conflicts: Table = SyncConflict.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,28 +542,6 @@ class _Planner:
         return customer
 
 
-def _one_of(column: ColumnElement[Any], values: Iterable[Any], dialect: str) -> ColumnElement[bool]:
-    """`column IN values`; on PostgreSQL `= ANY(array)`: one parameter whatever the page size, so
-    the statement text (and its parse/plan caches) stays the same from page to page."""
-    items = sorted(set(values))
-    if dialect == "postgresql":
-        element = BigInteger() if isinstance(items[0], int) else Text()
-        return column == any_(bindparam(None, items, type_=ARRAY(element)))
-    return column.in_(items)
-
-
-def _keys_match(table: Table, keys: set[tuple[str, str]], dialect: str) -> ColumnElement[bool]:
-    by_source: dict[str, list[str]] = {}
-    for source, external_id in keys:
-        by_source.setdefault(source, []).append(external_id)
-    return or_(
-        *(
-            and_(table.c.source == source, _one_of(table.c.external_id, ids, dialect))
-            for source, ids in sorted(by_source.items())
-        )
-    )
-
-
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is None or value.tzinfo is not None:
         return value
@@ -787,9 +746,22 @@ def _write(session: Session, store_id: int, plan: _Plan, now: dt.datetime) -> No
         )
     sql.update_references(session, updates, now)
     sql.bump_references(session, plan.bumps)
-    _record_conflicts(session, store_id, plan.conflicts, now, "postgresql" if postgres else "")
-    if plan.written:
-        _resolve_conflicts(session, store_id, plan.written, now)
+    sql.record_conflicts(
+        session,
+        store_id,
+        [
+            {
+                "source": c.source,
+                "external_id": c.external_id,
+                "kind": c.kind,
+                "detail": c.detail,
+                "customer_ids": c.customer_ids,
+            }
+            for c in plan.conflicts
+        ],
+        now,
+    )
+    sql.resolve_conflicts(session, store_id, plan.written, now)
 
 
 def _max(a: Any, b: Any) -> Any:
@@ -798,60 +770,6 @@ def _max(a: Any, b: Any) -> Any:
     if b is None:
         return a
     return max(a, b)
-
-
-def _record_conflicts(
-    session: Session, store_id: int, conflicts: list[_Conflict], now: dt.datetime, dialect: str
-) -> None:
-    if not conflicts:
-        return
-    table = _conflicts
-    maker = pg_insert if dialect == "postgresql" else sqlite_insert
-    folded = {(c.source, c.external_id, c.kind): c for c in conflicts}
-    statement = maker(table)
-    statement = statement.on_conflict_do_update(
-        index_elements=["store_id", "source", "external_id", "kind"],
-        set_={
-            "detail": statement.excluded.detail,
-            "customer_ids": statement.excluded.customer_ids,
-            "occurrences": table.c.occurrences + 1,
-            "last_seen_at": statement.excluded.last_seen_at,
-            "resolved_at": None,
-        },
-    )
-    session.execute(
-        statement,
-        [
-            {
-                "store_id": store_id,
-                "source": c.source,
-                "external_id": c.external_id,
-                "kind": c.kind,
-                "detail": c.detail,
-                "customer_ids": c.customer_ids,
-                "occurrences": 1,
-                "first_seen_at": now,
-                "last_seen_at": now,
-                "resolved_at": None,
-            }
-            for c in folded.values()
-        ],
-    )
-
-
-def _resolve_conflicts(
-    session: Session, store_id: int, written: list[tuple[str, str]], now: dt.datetime
-) -> None:
-    table = _conflicts
-    session.execute(
-        update(table)
-        .where(
-            table.c.store_id == store_id,
-            table.c.resolved_at.is_(None),
-            _keys_match(table, set(written), session.get_bind().dialect.name),
-        )
-        .values(resolved_at=now)
-    )
 
 
 def lock_store(session: Session, store_id: int) -> None:

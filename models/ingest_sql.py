@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import (
     BigInteger,
+    ColumnElement,
     Row,
     Table,
     and_,
@@ -36,13 +37,16 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models.tables import Customer, ExternalReference, UTCDateTime
+from models.tables import Customer, ExternalReference, SyncConflict, UTCDateTime
 
 _customers: Table = Customer.__table__  # type: ignore[assignment]
 _references: Table = ExternalReference.__table__  # type: ignore[assignment]
+_conflicts: Table = SyncConflict.__table__  # type: ignore[assignment]
 
 REFERENCE_COLUMNS = (
     "id",
@@ -128,21 +132,26 @@ def fetch_references(
                 "external_ids": [e for _, e in pairs],
             },
         ).all()
-    by_source: dict[str, list[str]] = {}
-    for source, external_id in pairs:
-        by_source.setdefault(source, []).append(external_id)
     r = _references
     return session.execute(
         select(*(r.c[c] for c in REFERENCE_COLUMNS)).where(
-            r.c.store_id == store_id,
-            or_(
-                *(
-                    and_(r.c.source == source, r.c.external_id.in_(ids))
-                    for source, ids in by_source.items()
-                )
-            ),
+            r.c.store_id == store_id, _keys_match(r, pairs)
         )
     ).all()
+
+
+def _keys_match(table: Table, pairs: Iterable[tuple[str, str]]) -> ColumnElement[bool]:
+    """`(source, external_id) IN pairs`, as one `external_id IN (…)` per source (each arm can
+    use the table's (store_id, source, external_id) or (store_id, external_id) index)."""
+    by_source: dict[str, list[str]] = {}
+    for source, external_id in pairs:
+        by_source.setdefault(source, []).append(external_id)
+    return or_(
+        *(
+            and_(table.c.source == source, table.c.external_id.in_(sorted(ids)))
+            for source, ids in sorted(by_source.items())
+        )
+    )
 
 
 def _pg_customers_by(column: str, cast: str) -> str:
@@ -451,4 +460,63 @@ def bump_references(
             ),
         ),
         [{"_id": i, "_version": v, "_updated": u} for i, v, u in rows],
+    )
+
+
+# --- conflicts ----------------------------------------------------------------------------------
+
+
+def record_conflicts(
+    session: Session, store_id: int, rows: Sequence[dict[str, Any]], now: dt.datetime
+) -> None:
+    """Upsert conflicts (rows: source, external_id, kind, detail, customer_ids): a conflict
+    seen again counts one more occurrence and is open again."""
+    if not rows:
+        return
+    table = _conflicts
+    maker = pg_insert if is_postgres(session) else sqlite_insert
+    statement = maker(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=["store_id", "source", "external_id", "kind"],
+        set_={
+            "detail": statement.excluded.detail,
+            "customer_ids": statement.excluded.customer_ids,
+            "occurrences": table.c.occurrences + 1,
+            "last_seen_at": statement.excluded.last_seen_at,
+            "resolved_at": None,
+        },
+    )
+    folded = {(row["source"], row["external_id"], row["kind"]): row for row in rows}
+    session.execute(
+        statement,
+        [
+            {
+                **row,
+                "store_id": store_id,
+                "occurrences": 1,
+                "first_seen_at": now,
+                "last_seen_at": now,
+                "resolved_at": None,
+            }
+            for row in folded.values()
+        ],
+    )
+
+
+def resolve_conflicts(
+    session: Session, store_id: int, written: Iterable[tuple[str, str]], now: dt.datetime
+) -> None:
+    """Close the open conflicts of records that have now been written."""
+    keys = sorted(set(written))
+    if not keys:
+        return
+    table = _conflicts
+    session.execute(
+        update(table)
+        .where(
+            table.c.store_id == store_id,
+            table.c.resolved_at.is_(None),
+            _keys_match(table, keys),
+        )
+        .values(resolved_at=now)
     )
