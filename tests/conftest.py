@@ -146,3 +146,24 @@ def client(app_settings, engine: Engine):  # type: ignore[no-untyped-def]
 
 def is_postgres(url: str) -> bool:
     return make_url(url).get_backend_name() == "postgresql"
+
+
+def connect_shop(engine: Engine, store_id: int, shop: str) -> int:
+    """Connect `store_id` to Shopify shop `shop` (a throwaway token and key); the connection id."""
+    from cryptography.fernet import Fernet
+
+    from models.connections import connect
+
+    with make_sessionmaker(engine)() as s:
+        connection, _ = connect(
+            s,
+            store_id=store_id,
+            source="shopify",
+            account=shop,
+            access_token="tok",
+            api_base_url=None,
+            api_version=None,
+            key=Fernet.generate_key(),
+        )
+        s.commit()
+        return connection.id

@@ -35,9 +35,8 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from models.connections import connect
 from models.tables import Customer, ExternalReference, WebhookEvent
-from tests.conftest import is_postgres
+from tests.conftest import connect_shop, is_postgres
 from tests.test_cli import SETTINGS_VARIABLES, _cli_command, _free_port
 
 SECRET = "shpss_storm_secret_0123456789"
@@ -221,21 +220,8 @@ def test_storm_through_the_real_api_and_workers(
     make_store: Callable[..., tuple[int, str]],
     tmp_path: Path,
 ) -> None:
-    from cryptography.fernet import Fernet
-
     store_id, _ = make_store()
-    with Session(engine) as s:
-        connect(
-            s,
-            store_id=store_id,
-            source="shopify",
-            account=SHOP,
-            access_token="tok",
-            api_base_url=None,
-            api_version=None,
-            key=Fernet.generate_key(),
-        )
-        s.commit()
+    connect_shop(engine, store_id, SHOP)
 
     workdir = tmp_path / "run"
     workdir.mkdir()

@@ -21,9 +21,9 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner, Result
 
-from models.connections import connect
 from models.inbox import Delivery, find_routes, insert_batch
 from models.tables import Customer, WebhookEvent, utcnow
+from tests.conftest import connect_shop
 from worker import celery_app, tasks
 from worker.celery_app import EMBEDDED_BROKER_URL, celery_config, ensure_broker_directory
 from worker.cli import app as cli
@@ -263,21 +263,8 @@ def test_the_periodic_sweep_survives_a_broker_failure() -> None:
 
 @pytest.fixture
 def shop(engine: Engine, make_store: Callable[..., tuple[int, str]]) -> int:
-    from cryptography.fernet import Fernet
-
     store_id, _ = make_store()
-    with Session(engine) as s:
-        connect(
-            s,
-            store_id=store_id,
-            source="shopify",
-            account=SHOP,
-            access_token="tok",
-            api_base_url=None,
-            api_version=None,
-            key=Fernet.generate_key(),
-        )
-        s.commit()
+    connect_shop(engine, store_id, SHOP)
     return store_id
 
 
