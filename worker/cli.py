@@ -922,6 +922,10 @@ def _wake_workers(settings: Settings) -> None:
         say(f"Could not wake the workers ({type(exc).__name__}); the periodic sweep will.")
 
 
+# Commands of other areas register themselves on the groups above (imported for that effect).
+from worker import cli_outbox, cli_stamps  # noqa: E402,F401,I001
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="loyalty-sync")

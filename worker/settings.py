@@ -52,6 +52,42 @@ class Settings(BaseSettings):
         default=5.0, alias="WEBHOOK_ROUTE_CACHE_SECONDS", ge=0
     )
 
+    # --- worker schedules (Celery beat) --------------------------------------------------------
+    # Default interval of a connection's incremental customer sync (a connection's config may
+    # set its own `sync_interval_seconds`); each is jittered so connections don't pull in step.
+    sync_interval_seconds: float = Field(default=900.0, alias="SYNC_INTERVAL_SECONDS", gt=0)
+    reconcile_interval_seconds: float = Field(
+        default=3600.0, alias="RECONCILE_INTERVAL_SECONDS", gt=0
+    )
+    # How far back stamp reconciliation re-pulls orders/payments.
+    reconcile_window_hours: float = Field(default=72.0, alias="RECONCILE_WINDOW_HOURS", gt=0)
+    outbox_interval_seconds: float = Field(default=30.0, alias="OUTBOX_INTERVAL_SECONDS", gt=0)
+    sweep_interval_seconds: float = Field(default=60.0, alias="SWEEP_INTERVAL_SECONDS", gt=0)
+    # Handled webhook events older than this are deleted by the retention task.
+    event_retention_days: float = Field(default=30.0, alias="EVENT_RETENTION_DAYS", gt=0)
+    # --- outbox delivery ---------------------------------------------------------------------
+    # e.g. smtp://user:pass@host:587?starttls=true (smtps:// for implicit TLS); unset → email off.
+    smtp_url: SecretStr | None = Field(default=None, alias="SMTP_URL")
+    smtp_from: str = Field(default="loyalty@localhost", alias="SMTP_FROM")
+    # Twilio-style HTTP SMS provider (form POST To/From/Body, bearer/basic token); unset → off.
+    sms_api_url: str | None = Field(default=None, alias="SMS_API_URL")
+    sms_api_token: SecretStr | None = Field(default=None, alias="SMS_API_TOKEN")
+    sms_from: str | None = Field(default=None, alias="SMS_FROM")
+    # pass_update / push rows are POSTed here, signed with PASS_SERVICE_SECRET; unset → skipped.
+    pass_service_url: str | None = Field(default=None, alias="PASS_SERVICE_URL")
+    pass_service_secret: SecretStr | None = Field(default=None, alias="PASS_SERVICE_SECRET")
+    outbox_max_attempts: int = Field(default=8, alias="OUTBOX_MAX_ATTEMPTS", ge=1, le=100)
+    # Write-back of the card URL into the sources.
+    shopify_metafield_namespace: str = Field(
+        default="$app:loyalty", alias="SHOPIFY_METAFIELD_NAMESPACE"
+    )
+    square_card_attribute_key: str = Field(
+        default="loyalty-card-url", alias="SQUARE_CARD_ATTRIBUTE_KEY"
+    )
+    # --- observability -----------------------------------------------------------------------
+    # The worker's Prometheus exporter port (0 = no exporter); the API serves /metrics itself.
+    metrics_port: int = Field(default=0, alias="METRICS_PORT", ge=0, le=65535)
+
     def shopify_secrets(self) -> tuple[str, ...]:
         """The configured Shopify secrets (blank entries dropped; empty = endpoint disabled)."""
         raw = self.shopify_api_secrets.get_secret_value()
