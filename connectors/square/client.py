@@ -137,10 +137,28 @@ class SquareClient:
             self.throttled += 1
 
     def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request("POST", path, json=body)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Mapping[str, Any] | None = None,
+        params: Mapping[str, str | int] | None = None,
+    ) -> dict[str, Any]:
+        """One Square API call (rate budget, retries, error classification) → the JSON object.
+
+        Square answers errors as `{"errors": [...]}`; `classify` turns them into the connector
+        error taxonomy (401/403 → ConfigurationError, 429/5xx → RetriableError, ...).
+        """
+
         def send() -> httpx.Response:
             self._budget.acquire(self._budget_key)
             self.requests += 1
-            return self._http.post(path, json=body, headers=self._headers, auth=self._auth)
+            return self._http.request(
+                method, path, json=json, params=params, headers=self._headers, auth=self._auth
+            )
 
         try:
             response = http.send_with_retries(
