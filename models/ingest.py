@@ -50,9 +50,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import (
-    text,
-)
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -68,10 +66,7 @@ from models.normalize import (
     normalise_phone,
     parse_birthday,
 )
-from models.tables import (
-    Store,
-    utcnow,
-)
+from models.tables import ExternalReference, Store, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -151,6 +146,47 @@ def content_hash(record: ForeignCustomer, policy: IngestPolicy) -> str:
     )
     encoded = repr(payload).encode("utf-8", "surrogatepass")
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+
+
+def changed_records(
+    session: Session,
+    *,
+    store_id: int,
+    records: Sequence[ForeignCustomer],
+    policy: IngestPolicy = IngestPolicy(),
+) -> list[ForeignCustomer]:
+    """The records of a page that `apply_customer_page` would not skip as unchanged: new
+    references, or a content hash (or deleted state) different from what the reference holds.
+
+    For a source that fetches extra data per changed customer (LOKE memberships, Appy Stamp
+    activities) before or after applying the page; stale records are not filtered out here.
+    """
+    if not records:
+        return []
+    keys = {(r.source, r.external_id) for r in records}
+    rows = session.execute(
+        select(
+            ExternalReference.source,
+            ExternalReference.external_id,
+            ExternalReference.content_hash,
+            ExternalReference.deleted_at,
+        ).where(
+            ExternalReference.store_id == store_id,
+            ExternalReference.source.in_({source for source, _ in keys}),
+            ExternalReference.external_id.in_({external_id for _, external_id in keys}),
+        )
+    ).all()
+    known = {(row.source, row.external_id): (row.content_hash, row.deleted_at) for row in rows}
+    changed = []
+    for record in records:
+        seen = known.get((record.source, record.external_id))
+        if seen is None:
+            changed.append(record)
+            continue
+        stored_hash, deleted_at = seen
+        if stored_hash != content_hash(record, policy) or (deleted_at is None) == record.deleted:
+            changed.append(record)
+    return changed
 
 
 def _text(value: str | None, limit: int = NAME_MAX) -> str | None:

@@ -291,7 +291,7 @@ class Connection(TimestampMixin, Base):
         # One connection per shop (merchant) of a store: connecting the same shop again replaces
         # its token instead of adding a second connection that would sync the same records twice.
         UniqueConstraint("store_id", "source", "account"),
-        CheckConstraint("source IN ('shopify', 'square')", name="source"),
+        CheckConstraint("source IN ('shopify', 'square', 'appystamp', 'loke')", name="source"),
         CheckConstraint("status IN ('active', 'needs_attention')", name="status"),
     )
 

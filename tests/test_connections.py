@@ -203,6 +203,7 @@ def test_cli_connect_shopify_key_file(
         "id": first["id"],
         "source": "shopify",
         "account": "a.myshopify.com",
+        "api_base_url": "https://a.myshopify.com",
         "status": "active",
         "created": True,
     }

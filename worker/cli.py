@@ -574,32 +574,52 @@ def _connect(
     store: int,
     source: str,
     account: str,
-    access_token: str,
+    access_token: str | None = None,
+    secrets: dict[str, str] | None = None,
     api_base_url: str | None,
     api_version: str | None,
+    config: dict[str, Any] | None = None,
 ) -> None:
     from models.connections import connect
 
     key = _secret_key(ctx)
     with transaction(ctx) as session:
+        if config and "card_id" in config:
+            _check_card(session, store=store, card_id=config["card_id"])
         row, created = connect(
             session,
             store_id=store,
             source=source,
             account=account,
             access_token=access_token,
+            secrets=secrets,
             api_base_url=api_base_url,
             api_version=api_version,
             key=key,
+            config=config,
         )
         result = {
             "id": row.id,
             "source": row.source,
             "account": row.account,
+            "api_base_url": row.api_base_url,
             "status": row.status,
             "created": created,
         }
+        if config:
+            result["config"] = {k: row.config.get(k) for k in config}
     emit(result)
+
+
+def _check_card(session: Session, *, store: int, card_id: int) -> None:
+    """The card an import earns on must be one of the store's live cards."""
+    from models.tables import CardTemplate, is_valid_id
+
+    card = session.get(CardTemplate, card_id) if is_valid_id(card_id) else None
+    if card is None or card.store_id != store:
+        raise NotFound("Card")
+    if card.archived_at is not None:
+        fail(f"card {card_id} is archived")
 
 
 StoreOption = Annotated[int, typer.Option("--store", help="Store id")]
@@ -660,6 +680,77 @@ def connect_square(
     )
 
 
+@connect_app.command("appystamp")
+def connect_appystamp(
+    ctx: typer.Context,
+    store: StoreOption,
+    api_key: Annotated[str, typer.Option("--api-key", help="Appy Stamp API key")],
+    api_secret: Annotated[
+        str, typer.Option("--api-secret", help="Appy Stamp API secret (stored encrypted)")
+    ],
+    api_base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--api-base-url",
+            help="API base URL [default: https://stamp.appydesign.io/rest_api/v1]",
+        ),
+    ] = None,
+    card: Annotated[
+        int | None,
+        typer.Option("--card", help="The store's card that imported stamp balances go to"),
+    ] = None,
+) -> None:
+    """Connect the store's Appy Stamp account (one per store; connecting again replaces the
+    keys)."""
+    _connect(
+        ctx,
+        store=store,
+        source="appystamp",
+        account="",
+        secrets={"api_key": api_key, "api_secret": api_secret},
+        api_base_url=api_base_url,
+        api_version=None,
+        config={"card_id": card} if card is not None else None,
+    )
+
+
+@connect_app.command("loke")
+def connect_loke(
+    ctx: typer.Context,
+    store: StoreOption,
+    organization_id: Annotated[str, typer.Option("--organization-id", help="LOKE organization id")],
+    client_id: Annotated[str, typer.Option("--client-id", help="OAuth2 client id")],
+    client_secret: Annotated[
+        str, typer.Option("--client-secret", help="OAuth2 client secret (stored encrypted)")
+    ],
+    api_base_url: Annotated[
+        str | None,
+        typer.Option("--api-base-url", help="API base URL [default: https://api.loke.global]"),
+    ] = None,
+    auth_url: Annotated[
+        str | None,
+        typer.Option(
+            "--auth-url",
+            help="OAuth2 issuer; tokens from {auth-url}/token [default: https://auth.loke.global]",
+        ),
+    ] = None,
+) -> None:
+    """Connect a LOKE organization (OAuth2 client credentials; connecting again replaces
+    them)."""
+    from models.connections import LOKE_AUTH_URL
+
+    _connect(
+        ctx,
+        store=store,
+        source="loke",
+        account=organization_id,
+        secrets={"client_id": client_id, "client_secret": client_secret},
+        api_base_url=api_base_url,
+        api_version=None,
+        config={"auth_url": auth_url or LOKE_AUTH_URL},
+    )
+
+
 @connections_app.command("list")
 def connections_list(
     ctx: typer.Context,
@@ -679,6 +770,8 @@ def connections_list(
 class SyncSource(StrEnum):
     shopify = "shopify"
     square = "square"
+    appystamp = "appystamp"
+    loke = "loke"
 
 
 def _human_summary(summary: dict[str, Any]) -> str:
@@ -923,7 +1016,7 @@ def _wake_workers(settings: Settings) -> None:
 
 
 # Commands of other areas register themselves on the groups above (imported for that effect).
-from worker import cli_outbox, cli_stamps  # noqa: E402,F401,I001
+from worker import cli_outbox, cli_stamps  # noqa: E402,F401
 
 
 def main() -> None:

@@ -23,11 +23,12 @@ from its first page (it never consumes a saved cursor).
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -143,7 +144,7 @@ _COUNT_FIELDS = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
-class _Target:
+class Target:
     """What the run needs of the connection, read once (no lazy loads between transactions)."""
 
     id: int
@@ -152,28 +153,84 @@ class _Target:
     account: str
     api_base_url: str
     api_version: str | None
+    config: Mapping[str, Any]
 
 
-class _SourceClient:
-    """The source's client and its page iterator behind one shape."""
+class SourceAdapter(Protocol):
+    """One source behind one shape: its page iterator, request counters and two page hooks.
 
-    def __init__(
-        self,
-        target: _Target,
-        *,
-        access_token: str,
-        settings: Settings,
-        http: httpx.Client,
-        budget: RateBudget | None,
-        sleep: Callable[[float], None],
-    ) -> None:
+    `prepare_page` runs inside the page's transaction before its customers are applied and
+    returns the page to apply (e.g. records enriched with data fetched only for the records
+    `models.ingest.changed_records` reports changed). `after_page` runs inside the page's
+    transaction, after the page's customers were applied and before the cursor is saved and
+    committed — for per-record follow-ups a source needs (an import's stamp balances, list
+    memberships): whatever it writes commits or rolls back with the page, so a crash resumes
+    with both undone. In a dry run neither may write anything.
+    """
+
+    @property
+    def requests(self) -> int: ...
+
+    @property
+    def throttled(self) -> int: ...
+
+    def pages(
+        self, *, updated_since: dt.datetime | None, overlap: dt.timedelta, cursor: str | None
+    ) -> Iterator[Page]: ...
+
+    def prepare_page(self, session: Session, *, page: Page, dry_run: bool) -> Page: ...
+
+    def after_page(
+        self, session: Session, *, page: Page, counts: PageCounts, dry_run: bool
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterContext:
+    """Everything a source adapter factory may use to build its clients."""
+
+    target: Target
+    secrets: Mapping[str, str]
+    settings: Settings
+    http: httpx.Client
+    budget: RateBudget | None
+    sleep: Callable[[float], None]
+
+
+# source → "module:factory"; a factory takes an AdapterContext and returns a SourceAdapter.
+# Imported lazily: a run only loads the connector it uses.
+ADAPTERS: dict[str, str] = {
+    "shopify": "worker.sync:ShopifySquareAdapter",
+    "square": "worker.sync:ShopifySquareAdapter",
+    "appystamp": "worker.import_appystamp:make_adapter",
+    "loke": "worker.import_loke:make_adapter",
+}
+
+
+def make_adapter(context: AdapterContext) -> SourceAdapter:
+    """The adapter of the connection's source (ConfigurationError for an unknown source)."""
+    spec = ADAPTERS.get(context.target.source)
+    if spec is None:
+        raise ConfigurationError(f"no connector for source {context.target.source!r}")
+    module_name, _, attribute = spec.partition(":")
+    factory = getattr(importlib.import_module(module_name), attribute)
+    adapter: SourceAdapter = factory(context)
+    return adapter
+
+
+class ShopifySquareAdapter:
+    """Shopify and Square customers: client + paginator; no per-page follow-up."""
+
+    def __init__(self, context: AdapterContext) -> None:
+        target, settings, budget = context.target, context.settings, context.budget
+        access_token = context.secrets.get("access_token", "")
         self.source = target.source
         if target.source == "shopify":
             from connectors.shopify.client import ShopifyClient
 
             capacity, rate = SHOPIFY_BUDGET
             self.client: Any = ShopifyClient(
-                http=http,
+                http=context.http,
                 shop_domain=target.account,
                 access_token=access_token,
                 api_version=target.api_version or settings.shopify_api_version,
@@ -182,14 +239,14 @@ class _SourceClient:
                     redis_url=settings.redis_url, capacity=capacity, refill_per_second=rate
                 ),
                 budget_key=f"shopify:{target.account}",
-                sleep=sleep,
+                sleep=context.sleep,
             )
         elif target.source == "square":
             from connectors.square.client import SquareClient
 
             capacity, rate = SQUARE_BUDGET
             self.client = SquareClient(
-                http=http,
+                http=context.http,
                 access_token=access_token,
                 square_version=settings.square_version,
                 budget=budget
@@ -197,9 +254,9 @@ class _SourceClient:
                     redis_url=settings.redis_url, capacity=capacity, refill_per_second=rate
                 ),
                 budget_key=f"square:{target.account}",
-                sleep=sleep,
+                sleep=context.sleep,
             )
-        else:  # pragma: no cover - the table's check constraint allows only these two
+        else:
             raise ConfigurationError(f"no connector for source {target.source!r}")
 
     @property
@@ -225,6 +282,14 @@ class _SourceClient:
             self.client, updated_since=updated_since, overlap=overlap, cursor=cursor
         )
 
+    def prepare_page(self, session: Session, *, page: Page, dry_run: bool) -> Page:
+        return page
+
+    def after_page(
+        self, session: Session, *, page: Page, counts: PageCounts, dry_run: bool
+    ) -> None:
+        return None
+
 
 def _load(session: Session, connection_id: int) -> Connection:
     connection = session.get(Connection, connection_id) if is_valid_id(connection_id) else None
@@ -241,9 +306,9 @@ def _iso(value: dt.datetime | None) -> str | None:
 class _Plan:
     """Transaction 1's outcome: where the run reads from and what it writes to."""
 
-    target: _Target
+    target: Target
     policy: IngestPolicy
-    access_token: str
+    secrets: dict[str, str]
     window_start: dt.datetime | None
     cursor: str | None
     run: SyncRun | None  # None in a dry run
@@ -256,13 +321,14 @@ def _plan(
     """Transaction 1: load the connection, its policy and credentials; begin (or resume) the
     run. None when the connection's config is invalid (the summary then says so)."""
     connection = _load(session, connection_id)
-    target = _Target(
+    target = Target(
         id=connection.id,
         store_id=connection.store_id,
         source=connection.source,
         account=connection.account,
         api_base_url=connection.api_base_url,
         api_version=connection.api_version,
+        config=dict(connection.config or {}),
     )
     try:
         policy = policy_from_config(connection.config)
@@ -273,23 +339,27 @@ def _plan(
             mark_needs_attention(session, connection, summary.error)
             session.commit()
         return None
-    access_token = credentials(connection, key=key).get("access_token", "")
+    secrets = credentials(connection, key=key)
     if summary.dry_run:
         window_start, _ = planned_window(
             read_state(session, target.id, CUSTOMERS_STREAM), full=full
         )
         session.rollback()
-        return _Plan(target, policy, access_token, window_start, None, None, None)
+        return _Plan(target, policy, secrets, window_start, None, None, None)
     run, state, summary.resumed = begin_run(session, connection, CUSTOMERS_STREAM, full=full)
     summary.run_id = run.id
-    plan = _Plan(target, policy, access_token, state.window_start, state.cursor, run, state)
+    plan = _Plan(target, policy, secrets, state.window_start, state.cursor, run, state)
     session.commit()
     return plan
 
 
-def _apply_page(session: Session, plan: _Plan, page: Page, *, dry_run: bool) -> PageCounts:
-    """One page in one transaction: apply + save the cursor, committed (dry run: rolled back)."""
+def _apply_page(
+    session: Session, plan: _Plan, page: Page, adapter: SourceAdapter, *, dry_run: bool
+) -> PageCounts:
+    """One page in one transaction: apply + the source's follow-up + save the cursor, committed
+    (dry run: rolled back)."""
     try:
+        page = adapter.prepare_page(session, page=page, dry_run=dry_run)
         counts = apply_customer_page(
             session,
             store_id=plan.target.store_id,
@@ -297,6 +367,7 @@ def _apply_page(session: Session, plan: _Plan, page: Page, *, dry_run: bool) -> 
             policy=plan.policy,
             dry_run=dry_run,
         )
+        adapter.after_page(session, page=page, counts=counts, dry_run=dry_run)
         if plan.run is not None and plan.state is not None:
             save_page(session, plan.state, plan.run, page, counts)
             session.commit()
@@ -387,22 +458,24 @@ def run_customer_sync(
             window_start=_iso(plan.window_start),
             from_cursor=plan.cursor is not None,
         )
-        source: _SourceClient | None = None
+        source: SourceAdapter | None = None
         try:
             with make_client(base_url=plan.target.api_base_url, transport=transport) as http:
-                source = _SourceClient(
-                    plan.target,
-                    access_token=plan.access_token,
-                    settings=settings,
-                    http=http,
-                    budget=budget,
-                    sleep=sleep,
+                source = make_adapter(
+                    AdapterContext(
+                        target=plan.target,
+                        secrets=plan.secrets,
+                        settings=settings,
+                        http=http,
+                        budget=budget,
+                        sleep=sleep,
+                    )
                 )
                 pages = source.pages(
                     updated_since=plan.window_start, overlap=overlap, cursor=plan.cursor
                 )
                 for page in pages:
-                    counts = _apply_page(session, plan, page, dry_run=dry_run)
+                    counts = _apply_page(session, plan, page, source, dry_run=dry_run)
                     summary.add_page(page, counts)
                     summary.requests, summary.throttled = source.requests, source.throttled
                     bound.info(
