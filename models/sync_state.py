@@ -367,18 +367,27 @@ def pick_connection(
 MATCH_KEYS = ("email", "phone")
 
 
-def policy_from_config(config: Mapping[str, Any] | None) -> IngestPolicy:
+# Identity keys a source may match by, whatever its connection's config asks: LOKE phone numbers
+# are not unique there, so a phone match must never link two LOKE records to one customer.
+SOURCE_MATCH_KEYS: dict[str, tuple[str, ...]] = {"loke": ("email",)}
+
+
+def policy_from_config(
+    config: Mapping[str, Any] | None, *, source: str | None = None
+) -> IngestPolicy:
     """The ingest policy a connection's `config` asks for (defaults: `IngestPolicy()`).
 
     `owned_fields`: list of customer fields the source may overwrite (a subset of
     first_name, last_name, email, phone, birthday); `match_by`: ordered, non-empty list of
-    identity keys (`email`, `phone`). Anything else is a `ValidationFailed`.
+    identity keys (`email`, `phone`). Anything else is a `ValidationFailed`. For a `source` in
+    `SOURCE_MATCH_KEYS` matching is restricted to that source's keys (default: exactly them).
     """
     config = config or {}
     errors = ErrorBag()
     default = IngestPolicy()
     owned_fields = default.owned_fields
-    match_by = default.match_by
+    allowed = SOURCE_MATCH_KEYS.get(source or "", MATCH_KEYS)
+    match_by = allowed
     raw_owned = config.get("owned_fields")
     if raw_owned is not None:
         if not isinstance(raw_owned, list | tuple) or not all(
@@ -405,8 +414,8 @@ def policy_from_config(config: Mapping[str, Any] | None) -> IngestPolicy:
             errors.add("match_by", "can't be empty")
         elif len(set(raw_match)) != len(raw_match):
             errors.add("match_by", "has duplicates")
-        elif set(raw_match) - set(MATCH_KEYS):
-            errors.add("match_by", f"allowed keys: {', '.join(MATCH_KEYS)}")
+        elif set(raw_match) - set(allowed):
+            errors.add("match_by", f"allowed keys: {', '.join(allowed)}")
         else:
             match_by = tuple(raw_match)
     errors.raise_if_any()

@@ -331,7 +331,7 @@ def _plan(
         config=dict(connection.config or {}),
     )
     try:
-        policy = policy_from_config(connection.config)
+        policy = policy_from_config(connection.config, source=connection.source)
     except ValidationFailed as exc:
         summary.status = "needs_attention"
         summary.error = f"invalid connection config: {exc}"
