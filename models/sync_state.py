@@ -100,7 +100,12 @@ def planned_window(state: SyncState | None, *, full: bool) -> tuple[dt.datetime 
 
 
 def begin_run(
-    session: Session, connection: Connection, stream: str, *, full: bool
+    session: Session,
+    connection: Connection,
+    stream: str,
+    *,
+    full: bool,
+    continue_run: int | None = None,
 ) -> tuple[SyncRun, SyncState, bool]:
     """Start (or resume) a run of `connection`'s `stream`; returns `(run, state, resumed)`.
 
@@ -108,10 +113,22 @@ def begin_run(
     high-water mark are kept, and the previous run row, if still `running` (its process died),
     is marked `failed`. Otherwise a fresh run: the window starts at the watermark (None when
     `full` or never synced), no cursor, no high-water mark. Either way a new run row is added.
+
+    `continue_run`: the id of the run a scheduled step paused (page-sized steps of one long
+    sync): when it is still the state's `running` run, it goes on as the same row (resumed is
+    True); otherwise the call behaves as above.
     """
     state = get_or_create_state(session, connection.id, stream)
     resumed = bool(state.in_progress and state.full == full)
     previous = session.get(SyncRun, state.run_id) if state.run_id is not None else None
+    if (
+        continue_run is not None
+        and resumed
+        and previous is not None
+        and previous.id == continue_run
+        and previous.status == "running"
+    ):
+        return previous, state, True
     now = utcnow()
     if previous is not None and previous.status == "running":
         previous.status = "failed"

@@ -101,11 +101,46 @@ def test_delivery_guarantees_and_limits() -> None:
 def test_tasks_are_registered_explicitly_with_dotted_names() -> None:
     app = celery_app.app
     assert app.main == "loyalty_sync"
-    assert tuple(app.conf.include) == ("worker.tasks",)
+    assert tuple(app.conf.include) == ("worker.tasks", "worker.scheduled")
+    app.loader.import_default_modules()
     names = {name for name in app.tasks if name.startswith("loyalty_sync.")}
-    assert names == {"loyalty_sync.webhooks.drain", "loyalty_sync.webhooks.sweep"}
+    assert names == {
+        "loyalty_sync.webhooks.drain",
+        "loyalty_sync.webhooks.sweep",
+        "loyalty_sync.syncs.dispatch",
+        "loyalty_sync.syncs.run",
+        "loyalty_sync.syncs.resync_customer",
+        "loyalty_sync.stamps.reconcile_all",
+        "loyalty_sync.stamps.reconcile",
+        "loyalty_sync.outbox.deliver",
+        "loyalty_sync.maintenance.retention",
+    }
     assert app.tasks[tasks.DRAIN_TASK] is tasks.drain_inbox._get_current_object()
     assert app.tasks[tasks.SWEEP_TASK] is tasks.sweep_inbox._get_current_object()
+
+
+def test_each_area_has_its_queue_and_beat_schedules_every_periodic_task() -> None:
+    from worker.scheduled import SYNC_TASK
+
+    conf = celery_app.create_celery(Settings(OUTBOX_INTERVAL_SECONDS="12")).conf
+    router = celery_app.create_celery(Settings()).amqp.router
+    assert router.route({}, tasks.DRAIN_TASK)["queue"].name == "webhooks"
+    assert router.route({}, SYNC_TASK)["queue"].name == "syncs"
+    assert router.route({}, "loyalty_sync.stamps.reconcile")["queue"].name == "syncs"
+    assert router.route({}, "loyalty_sync.outbox.deliver")["queue"].name == "outbox"
+    schedule = conf.beat_schedule
+    tasks_by_entry = {name: entry["task"] for name, entry in schedule.items()}
+    assert tasks_by_entry == {
+        "customer-syncs": "loyalty_sync.syncs.dispatch",
+        "stamp-reconciliation": "loyalty_sync.stamps.reconcile_all",
+        "outbox-delivery": "loyalty_sync.outbox.deliver",
+        "inbox-sweep": "loyalty_sync.webhooks.sweep",
+        "retention": "loyalty_sync.maintenance.retention",
+    }
+    assert schedule["outbox-delivery"]["schedule"] == 12.0
+    assert schedule["stamp-reconciliation"]["schedule"] == 3600.0
+    # A tick nobody consumed expires instead of piling up.
+    assert all(entry["options"]["expires"] > 0 for entry in schedule.values())
 
 
 def test_the_broker_directory_is_created(tmp_path: Path) -> None:
@@ -123,7 +158,7 @@ def test_a_drain_message_goes_through_the_embedded_broker(tmp_path: Path) -> Non
     try:
         tasks.send_drain()
         with app.connection_for_read() as conn:
-            message = conn.SimpleQueue("loyalty_sync").get(timeout=5)
+            message = conn.SimpleQueue("webhooks").get(timeout=5)
             assert message.headers["task"] == "loyalty_sync.webhooks.drain"
             assert message.headers["expires"] is not None
             message.ack()
@@ -141,7 +176,7 @@ def test_consumed_embedded_broker_messages_are_pruned(tmp_path: Path) -> None:
     try:
         tasks.send_drain()
         with app.connection_for_read() as conn:
-            conn.SimpleQueue("loyalty_sync").get(timeout=5).ack()
+            conn.SimpleQueue("webhooks").get(timeout=5).ack()
         tasks.send_drain()  # not consumed
         assert tasks.prune_embedded_broker(url) == 0  # consumed just now: kept for an hour
         assert tasks.prune_embedded_broker(url, keep=dt.timedelta(seconds=-5)) == 1

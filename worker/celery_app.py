@@ -21,9 +21,25 @@ from sqlalchemy.engine import make_url
 from worker.settings import Settings
 
 APP_NAME = "loyalty_sync"
+# Separate queues so a backfill never delays webhook processing: workers consume all three by
+# default, and production scales them independently (`loyalty-sync worker --queues webhooks`).
+WEBHOOKS_QUEUE = "webhooks"
+SYNCS_QUEUE = "syncs"
+OUTBOX_QUEUE = "outbox"
+QUEUES = (WEBHOOKS_QUEUE, SYNCS_QUEUE, OUTBOX_QUEUE)
+# Tasks without a route (none today) land here; the worker consumes it too.
 QUEUE = "loyalty_sync"
+TASK_ROUTES = {
+    "loyalty_sync.webhooks.*": {"queue": WEBHOOKS_QUEUE},
+    "loyalty_sync.syncs.*": {"queue": SYNCS_QUEUE},
+    "loyalty_sync.stamps.*": {"queue": SYNCS_QUEUE},
+    "loyalty_sync.maintenance.*": {"queue": SYNCS_QUEUE},
+    "loyalty_sync.outbox.*": {"queue": OUTBOX_QUEUE},
+}
 EMBEDDED_BROKER_URL = "sqla+sqlite:///./var/celery-broker.sqlite"
-TASK_MODULES = ("worker.tasks",)
+BEAT_SCHEDULE_FILE = "./var/celerybeat-schedule"
+TASK_MODULES = ("worker.tasks", "worker.scheduled")
+RETENTION_SECONDS = 6 * 3600.0
 # A drain task handles at most this many batches, then re-enqueues itself if more is due: time
 # limits stay meaningful and other tasks get their turn.
 SOFT_TIME_LIMIT = 240
@@ -58,6 +74,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": None,
         "task_ignore_result": True,
         "task_default_queue": QUEUE,
+        "task_routes": TASK_ROUTES,
+        "beat_schedule": beat_schedule(settings),
+        "beat_schedule_filename": BEAT_SCHEDULE_FILE,
         # A task is acknowledged after it ran: a worker dying mid-task leaves the message
         # to be redelivered (and the rows it claimed to the sweeper).
         "task_acks_late": True,
@@ -83,6 +102,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Redis: redeliver an unacknowledged message after the longest a task can run.
         config["broker_transport_options"] = {"visibility_timeout": TIME_LIMIT + 60}
     return config
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The periodic tasks, all in one place. Each message expires after its own period: a
+    beat that ran while no worker consumed never leaves a pile of identical ticks behind."""
+
+    def every(task: str, seconds: float) -> dict[str, Any]:
+        return {"task": task, "schedule": seconds, "options": {"expires": max(seconds, 5.0)}}
+
+    return {
+        # Which connections are due for their incremental customer sync (own interval, jitter).
+        "customer-syncs": every("loyalty_sync.syncs.dispatch", settings.sync_dispatch_seconds),
+        "stamp-reconciliation": every(
+            "loyalty_sync.stamps.reconcile_all", settings.reconcile_interval_seconds
+        ),
+        "outbox-delivery": every("loyalty_sync.outbox.deliver", settings.outbox_interval_seconds),
+        "inbox-sweep": every("loyalty_sync.webhooks.sweep", settings.sweep_interval_seconds),
+        "retention": every("loyalty_sync.maintenance.retention", RETENTION_SECONDS),
+    }
 
 
 def create_celery(settings: Settings | None = None) -> Celery:

@@ -127,6 +127,7 @@ conflicts_app = typer.Typer(
     help="Records a sync could not write (ambiguous identity).", no_args_is_help=True
 )
 events_app = typer.Typer(help="The webhook inbox: received deliveries.", no_args_is_help=True)
+resync_app = typer.Typer(help="Re-read single records from a source now.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(store_app, name="store")
 app.add_typer(token_app, name="token")
@@ -137,6 +138,7 @@ app.add_typer(connections_app, name="connections")
 app.add_typer(sync_app, name="sync")
 app.add_typer(conflicts_app, name="conflicts")
 app.add_typer(events_app, name="events")
+app.add_typer(resync_app, name="resync")
 
 
 @app.callback()
@@ -251,13 +253,20 @@ PARENT_PID_VARIABLE = "LOYALTY_SYNC_PARENT_PID"
 WORKER_STOP_SECONDS = 20.0
 
 
-def run_worker(settings: Settings, *, concurrency: int, sweep_interval: float) -> int:
+def run_worker(
+    settings: Settings,
+    *,
+    concurrency: int,
+    sweep_interval: float,
+    queues: Sequence[str] | None = None,
+) -> int:
     """A Celery worker in the foreground (prefork pool of `concurrency` processes) until
-    SIGINT/SIGTERM (warm shutdown: running tasks finish); returns its exit code."""
+    SIGINT/SIGTERM (warm shutdown: running tasks finish); returns its exit code. It consumes
+    `queues` (default: every queue of the service)."""
     from celery.signals import worker_ready, worker_shutting_down
 
     from worker import tasks
-    from worker.celery_app import broker_url, configure, ensure_broker_directory
+    from worker.celery_app import QUEUE, QUEUES, broker_url, configure, ensure_broker_directory
 
     celery = configure(settings)
     ensure_broker_directory(broker_url(settings))
@@ -280,6 +289,7 @@ def run_worker(settings: Settings, *, concurrency: int, sweep_interval: float) -
         worker = celery.Worker(
             hostname=f"loyalty-sync-{os.getpid()}@{socket.gethostname()}",
             concurrency=concurrency,
+            queues=",".join(queues or (*QUEUES, QUEUE)),
             pool="prefork",
             loglevel=settings.log_level.upper(),
             quiet=True,  # no banner on stdout
@@ -305,16 +315,33 @@ def worker_command(
             "--sweep-interval", min=0.1, hidden=True, help="Seconds between periodic sweeps"
         ),
     ] = 30.0,
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            "--queues",
+            "-Q",
+            help="Comma-separated queues to consume (webhooks, syncs, outbox) [default: all]",
+        ),
+    ] = None,
 ) -> None:
-    """Run a worker: drains the webhook inbox when the API wakes it, sweeps every 30 s."""
+    """Run a worker: webhook inbox (woken by the API, swept every 30 s), syncs, stamp
+    reconciliation and outbox delivery, as beat schedules them."""
     settings = _settings(ctx)
-    from worker.celery_app import broker_url
+    from worker.celery_app import QUEUE, QUEUES, broker_url
 
+    chosen = [q.strip() for q in (queues or "").split(",") if q.strip()] or None
+    if chosen is not None:
+        unknown = sorted(set(chosen) - {*QUEUES, QUEUE})
+        if unknown:
+            fail(f"unknown queue(s) {', '.join(unknown)}; known: {', '.join(QUEUES)}", code=2)
     say(
-        f"Worker: {concurrency} process(es), broker {_safe_broker(broker_url(settings))}, "
-        f"database {_safe_url(settings.database_url)}. Ctrl+C stops."
+        f"Worker: {concurrency} process(es), queues {','.join(chosen or QUEUES)}, broker "
+        f"{_safe_broker(broker_url(settings))}, database {_safe_url(settings.database_url)}. "
+        "Ctrl+C stops."
     )
-    code = run_worker(settings, concurrency=concurrency, sweep_interval=sweep_interval)
+    code = run_worker(
+        settings, concurrency=concurrency, sweep_interval=sweep_interval, queues=chosen
+    )
     if code:
         fail(f"the worker stopped with exit code {code}")
 
@@ -328,25 +355,84 @@ def _safe_broker(url: str) -> str:
         return "<unparsable CELERY_BROKER_URL>"
 
 
-class WorkerProcess:
-    """`loyalty-sync worker` as a child of `up`: started before the API, stopped after it
+def run_beat(settings: Settings) -> int:
+    """Celery beat in the foreground until SIGINT/SIGTERM: sends the periodic tasks of
+    `worker.celery_app.beat_schedule`. Exactly one beat may run: it holds the cluster-wide
+    `beat` lock (Redis / PostgreSQL advisory / file lock) for its lifetime; a second one exits
+    with 1 at once."""
+    from pathlib import Path
+
+    from celery.beat import Service as BeatService
+
+    from models.db import make_engine
+    from worker.celery_app import (
+        BEAT_SCHEDULE_FILE,
+        broker_url,
+        configure,
+        ensure_broker_directory,
+    )
+    from worker.locks import exclusive_lock
+
+    celery = configure(settings)
+    ensure_broker_directory(broker_url(settings))
+    Path(BEAT_SCHEDULE_FILE).parent.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url, pool_size=1)
+    parent = os.environ.get(PARENT_PID_VARIABLE, "")
+    service = BeatService(app=celery, schedule_filename=BEAT_SCHEDULE_FILE, max_interval=5.0)
+    stop = threading.Event()
+
+    def _watch_parent() -> None:  # `up` went away: stop like on Ctrl+C
+        while not stop.wait(1.0):
+            if parent.isdigit() and os.getppid() != int(parent):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    def _terminate(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with exclusive_lock("beat", redis_url=settings.redis_url, engine=engine, ttl=60) as held:
+            if not held:
+                say("Another beat is already running (only one may); exiting.")
+                return 1
+            threading.Thread(target=_watch_parent, name="beat-parent", daemon=True).start()
+            service.start()  # returns on SystemExit/KeyboardInterrupt, after saving state
+            return 0
+    finally:
+        stop.set()
+        signal.signal(signal.SIGTERM, previous)
+        engine.dispose()
+
+
+@app.command("beat")
+def beat_command(ctx: typer.Context) -> None:
+    """Run the scheduler (exactly one per deployment): customer syncs per connection, stamp
+    reconciliation, outbox delivery, inbox sweeps and retention, as Celery tasks."""
+    settings = _settings(ctx)
+    from worker.celery_app import broker_url
+
+    say(
+        f"Beat: broker {_safe_broker(broker_url(settings))}, "
+        f"database {_safe_url(settings.database_url)}. Ctrl+C stops."
+    )
+    code = run_beat(settings)
+    if code:
+        raise typer.Exit(code)
+
+
+class ChildProcess:
+    """A `loyalty-sync` command as a child of `up`: started before the API, stopped after it
     (SIGTERM, then SIGKILL if it does not finish in time). It stops itself if `up` dies."""
 
-    def __init__(self, *, concurrency: int) -> None:
-        self.concurrency = concurrency
+    def __init__(self, *args: str) -> None:
+        self.args = args
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())}
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [
-                sys.executable,
-                "-m",
-                "worker.cli",
-                "worker",
-                "--concurrency",
-                str(self.concurrency),
-            ],
+            [sys.executable, "-m", "worker.cli", *self.args],
             env=env,
             stdout=subprocess.DEVNULL,  # `up` prints nothing on stdout; logs go to stderr
         )
@@ -371,7 +457,8 @@ def up(
     port: PortOption = None,
     concurrency: ConcurrencyOption = 1,
 ) -> None:
-    """Everything on one machine: migrate the database, then run the worker and serve the API."""
+    """Everything on one machine: migrate the database, then run the worker and beat and serve
+    the API."""
     from models.tables import Store
 
     settings = _settings(ctx)
@@ -387,16 +474,21 @@ def up(
             'No store yet: create one with `loyalty-sync store create --name "My shop"` '
             "(it prints the store's API token)."
         )
-    say(f"Serving the API on http://{host}:{port} (docs at /docs), with a worker. Ctrl+C stops.")
-    # The worker runs as a child process (Celery and uvicorn each want a main thread and their
-    # own signal handlers); beat joins in a later issue.
-    worker = WorkerProcess(concurrency=concurrency)
-    worker.start()
+    say(
+        f"Serving the API on http://{host}:{port} (docs at /docs), with a worker and beat. "
+        "Ctrl+C stops."
+    )
+    # Worker and beat run as child processes (Celery and uvicorn each want a main thread and
+    # their own signal handlers).
+    children = [ChildProcess("worker", "--concurrency", str(concurrency)), ChildProcess("beat")]
+    for child in children:
+        child.start()
     try:
         services = [Service("api", lambda: serve_api(settings, host=host, port=port))]
         run_services(services)
     finally:
-        worker.stop()
+        for child in reversed(children):
+            child.stop()
 
 
 # --- stores and tokens --------------------------------------------------------------------------
@@ -803,10 +895,15 @@ def sync_run(
         int | None,
         typer.Option("--connection", help="Connection id (when the store has several)"),
     ] = None,
+    enqueue: Annotated[
+        bool,
+        typer.Option("--enqueue", help="Hand the run to the workers instead of running it here"),
+    ] = False,
 ) -> None:
     """Pull the source's customers into the store, page by page (resumes an interrupted run).
 
-    Exits 0 when the run succeeded, 1 otherwise (the summary is printed either way).
+    Exits 0 when the run succeeded, 1 otherwise (the summary is printed either way). With
+    `--enqueue` the workers run it (in page-sized steps) and the task id is printed.
     """
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -815,6 +912,8 @@ def sync_run(
     from worker.sync import SyncSummary, run_customer_sync
 
     settings = _settings(ctx)
+    if enqueue and dry_run:
+        fail("--enqueue and --dry-run don't go together (a dry run reports here)", code=2)
     key = _secret_key(ctx)
     console = Console(stderr=True)
     with database(ctx) as engine:
@@ -823,6 +922,10 @@ def sync_run(
             connection_id = pick_connection(
                 session, store_id=store, source=source.value, connection_id=connection
             ).id
+        if enqueue:
+            task_id = _send_task(settings, "sync", connection_id=connection_id, full=full)
+            emit({"enqueued": True, "task_id": task_id, "connection_id": connection_id})
+            return
         with Progress(
             SpinnerColumn(),
             TextColumn(f"{source.value} sync"),
@@ -853,6 +956,159 @@ def sync_run(
         typer.echo(_human_summary(result))
     if not summary.succeeded:
         fail(f"sync {summary.status}: {summary.error or 'unknown error'}")
+
+
+def _send_task(settings: Settings, what: str, **kwargs: Any) -> str:
+    """Enqueue an operator's task on the broker; a clear error when the broker is down."""
+    from worker.celery_app import broker_url, configure, ensure_broker_directory
+
+    configure(settings)
+    ensure_broker_directory(broker_url(settings))
+    from worker import scheduled
+
+    try:
+        if what == "sync":
+            return scheduled.send_sync(kwargs["connection_id"], full=kwargs["full"])
+        result = scheduled.resync_customer_task.apply_async(
+            kwargs=kwargs, retry=True, retry_policy={"max_retries": 2, "interval_start": 0}
+        )
+        return str(result.id)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: tell the operator
+        fail(
+            f"could not reach the broker {_safe_broker(broker_url(settings))} "
+            f"({type(exc).__name__}); run without --enqueue to do it here"
+        )
+
+
+def _lag(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@sync_app.command("status")
+def sync_status_command(
+    ctx: typer.Context,
+    store: Annotated[int | None, typer.Option("--store", help="Only this store's")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list on stdout")] = False,
+) -> None:
+    """Per connection and stream: last run, lag since the watermark, counts, errors and the
+    webhook miss rate (orders found only by reconciliation)."""
+    from models.schedule import sync_status
+
+    with transaction(ctx) as session:
+        result = sync_status(session, store_id=store)
+        _add_miss_rates(session, result)
+    if as_json:
+        emit(result)
+        return
+    if not result:
+        typer.echo("No connections.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Sync status")
+    columns = ("conn", "store", "source", "account", "stream", "state", "lag", "last run")
+    for column in (*columns, "seen", "created", "updated", "conflicts", "miss rate", "error"):
+        table.add_column(column)
+    for row in result:
+        run = row["last_run"] or {}
+        state = row["connection_status"] if row["enabled"] else "disabled"
+        if row["in_progress"]:
+            state += " (running)"
+        miss = row.get("webhook_miss_rate")
+        table.add_row(
+            str(row["connection_id"]),
+            str(row["store_id"]),
+            row["source"],
+            row["account"],
+            row["stream"],
+            state,
+            _lag(row["lag_seconds"]),
+            f"{run.get('status', '-')} {run.get('finished_at') or run.get('started_at') or ''}",
+            str(run.get("seen", "")),
+            str(run.get("created", "")),
+            str(run.get("updated", "")),
+            str(run.get("conflicts", "")),
+            "" if miss is None else f"{miss:.1%}",
+            (run.get("error") or row["connection_error"] or "")[:80],
+        )
+    Console(width=220).print(table)
+
+
+def _add_miss_rates(session: Session, rows: list[dict[str, Any]]) -> None:
+    """`webhook_miss_rate` per connection, when the stamps area reports one."""
+    import importlib
+
+    rates: dict[int, float | None] = {}
+    try:
+        compute = getattr(importlib.import_module("models.earning"), "webhook_miss_rates", None)
+    except ImportError:
+        compute = None
+    if compute is not None:
+        rates = compute(session, [r["connection_id"] for r in rows])
+    for row in rows:
+        row["webhook_miss_rate"] = rates.get(row["connection_id"])
+
+
+@resync_app.command("customer")
+def resync_customer_command(
+    ctx: typer.Context,
+    store: StoreOption,
+    source: Annotated[SyncSource, typer.Option("--source", help="Which source to read")],
+    external_id: Annotated[
+        str, typer.Option("--external-id", help="The customer's id in the source")
+    ],
+    connection: Annotated[
+        int | None,
+        typer.Option("--connection", help="Connection id (when the store has several)"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would change; write nothing")
+    ] = False,
+    enqueue: Annotated[
+        bool, typer.Option("--enqueue", help="Hand it to the workers instead of running it here")
+    ] = False,
+) -> None:
+    """Fetch one customer from the source now and apply it (a customer the source no longer
+    has becomes a tombstone). Prints what it did as JSON."""
+    from connectors.errors import ConnectorError
+    from models.sync_state import pick_connection
+    from worker.sync import resync_customer
+
+    settings = _settings(ctx)
+    if enqueue and dry_run:
+        fail("--enqueue and --dry-run don't go together (a dry run reports here)", code=2)
+    key = _secret_key(ctx)
+    with database(ctx) as engine:
+        sessions = make_sessionmaker(engine)
+        with sessions() as session:
+            connection_id = pick_connection(
+                session, store_id=store, source=source.value, connection_id=connection
+            ).id
+        if enqueue:
+            task_id = _send_task(
+                settings, "resync", connection_id=connection_id, external_id=external_id
+            )
+            emit({"enqueued": True, "task_id": task_id, "connection_id": connection_id})
+            return
+        try:
+            result = resync_customer(
+                sessions,
+                connection_id=connection_id,
+                external_id=external_id,
+                settings=settings,
+                key=key,
+                dry_run=dry_run,
+            )
+        except ConnectorError as exc:
+            fail(f"{source.value}: {type(exc).__name__}: {exc}")
+    emit(result)
 
 
 @conflicts_app.command("list")

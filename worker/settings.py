@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     # Default interval of a connection's incremental customer sync (a connection's config may
     # set its own `sync_interval_seconds`); each is jittered so connections don't pull in step.
     sync_interval_seconds: float = Field(default=900.0, alias="SYNC_INTERVAL_SECONDS", gt=0)
+    # How often beat checks which connections are due (the intervals above are per connection).
+    sync_dispatch_seconds: float = Field(default=60.0, alias="SYNC_DISPATCH_SECONDS", gt=0)
     reconcile_interval_seconds: float = Field(
         default=3600.0, alias="RECONCILE_INTERVAL_SECONDS", gt=0
     )

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from connectors.errors import ConfigurationError, ConnectorError
 from connectors.http import make_client
 from connectors.ratelimit import RateBudget, make_budget
-from connectors.records import Page
+from connectors.records import ForeignCustomer, Page
 from models.connections import credentials
 from models.errors import NotFound, ValidationFailed
 from models.ingest import IngestPolicy, PageCounts, apply_customer_page
@@ -85,6 +85,7 @@ EXTRA_KEYS = (
     "merged",
     "error",
     "dry_run",
+    "more",
 )
 
 
@@ -111,6 +112,9 @@ class SyncSummary:
     merged: int = 0
     error: str | None = None
     dry_run: bool = False
+    # A step of a scheduled sync stopped at its page limit: status stays "running" and the run
+    # goes on in the next step (`continue_run=run_id`).
+    more: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -290,6 +294,21 @@ class ShopifySquareAdapter:
     ) -> None:
         return None
 
+    def fetch_customer(self, external_id: str) -> ForeignCustomer | None:
+        """The source's current record of one customer; None when the source has no such
+        customer (deleted)."""
+        if self.source == "shopify":
+            from connectors.shopify.client import fetch_customer as fetch_shopify
+            from connectors.shopify.mapping import map_customer as map_shopify
+
+            node = fetch_shopify(self.client, external_id)
+            return map_shopify(node) if node is not None else None
+        from connectors.square.client import fetch_customer as fetch_square
+        from connectors.square.mapping import map_customer as map_square
+
+        obj = fetch_square(self.client, external_id)
+        return map_square(obj) if obj is not None else None
+
 
 def _load(session: Session, connection_id: int) -> Connection:
     connection = session.get(Connection, connection_id) if is_valid_id(connection_id) else None
@@ -313,10 +332,19 @@ class _Plan:
     cursor: str | None
     run: SyncRun | None  # None in a dry run
     state: SyncState | None
+    # What a continued run had counted before this step (finish_run sets the totals).
+    base_requests: int = 0
+    base_throttled: int = 0
 
 
 def _plan(
-    session: Session, summary: SyncSummary, *, connection_id: int, full: bool, key: bytes
+    session: Session,
+    summary: SyncSummary,
+    *,
+    connection_id: int,
+    full: bool,
+    key: bytes,
+    continue_run: int | None = None,
 ) -> _Plan | None:
     """Transaction 1: load the connection, its policy and credentials; begin (or resume) the
     run. None when the connection's config is invalid (the summary then says so)."""
@@ -346,9 +374,13 @@ def _plan(
         )
         session.rollback()
         return _Plan(target, policy, secrets, window_start, None, None, None)
-    run, state, summary.resumed = begin_run(session, connection, CUSTOMERS_STREAM, full=full)
+    run, state, summary.resumed = begin_run(
+        session, connection, CUSTOMERS_STREAM, full=full, continue_run=continue_run
+    )
     summary.run_id = run.id
     plan = _Plan(target, policy, secrets, state.window_start, state.cursor, run, state)
+    if continue_run is not None and run.id == continue_run:
+        plan.base_requests, plan.base_throttled = run.requests, run.throttled
     session.commit()
     return plan
 
@@ -394,8 +426,8 @@ def _end_failed(session: Session, plan: _Plan, summary: SyncSummary, exc: Connec
         plan.run,
         status=summary.status,
         error=summary.error,
-        requests=summary.requests,
-        throttled=summary.throttled,
+        requests=plan.base_requests + summary.requests,
+        throttled=plan.base_throttled + summary.throttled,
     )
     session.commit()
 
@@ -411,8 +443,8 @@ def _end_crashed(session: Session, plan: _Plan, summary: SyncSummary, exc: BaseE
             plan.run,
             status="failed",
             error=f"interrupted: {type(exc).__name__}",
-            requests=summary.requests,
-            throttled=summary.throttled,
+            requests=plan.base_requests + summary.requests,
+            throttled=plan.base_throttled + summary.throttled,
         )
         session.commit()
 
@@ -430,6 +462,8 @@ def run_customer_sync(
     sleep: Callable[[float], None] = time.sleep,
     overlap: dt.timedelta = dt.timedelta(minutes=5),
     on_page: Callable[[SyncSummary], None] | None = None,
+    max_pages: int | None = None,
+    continue_run: int | None = None,
 ) -> SyncSummary:
     """Pull the connection's customers into the store; returns the run's summary.
 
@@ -445,7 +479,14 @@ def run_customer_sync(
         bound = structlog.get_logger(__name__).bind(
             connection_id=connection_id, stream=CUSTOMERS_STREAM, full=full, dry_run=dry_run
         )
-        plan = _plan(session, summary, connection_id=connection_id, full=full, key=key)
+        plan = _plan(
+            session,
+            summary,
+            connection_id=connection_id,
+            full=full,
+            key=key,
+            continue_run=continue_run,
+        )
         if plan is None:
             bound.warning("sync.run.finished", **summary.as_dict())
             return summary
@@ -488,6 +529,14 @@ def run_customer_sync(
                     )
                     if on_page is not None:
                         on_page(summary)
+                    if (
+                        max_pages is not None
+                        and summary.pages >= max_pages
+                        and page.cursor is not None
+                        and not dry_run
+                    ):
+                        summary.more = True
+                        break
         except ConnectorError as exc:
             if source is not None:
                 summary.requests, summary.throttled = source.requests, source.throttled
@@ -502,16 +551,104 @@ def run_customer_sync(
             raise
 
         summary.requests, summary.throttled = source.requests, source.throttled
+        if summary.more:
+            summary.status = "running"
+            bound.info("sync.run.paused", **summary.as_dict())
+            return summary
         summary.status = "succeeded"
         if plan.run is not None and plan.state is not None:
             finish_run(
                 session,
                 plan.state,
                 plan.run,
-                requests=summary.requests,
-                throttled=summary.throttled,
+                requests=plan.base_requests + summary.requests,
+                throttled=plan.base_throttled + summary.throttled,
             )
             mark_active(session, _load(session, plan.target.id))
             session.commit()
         bound.info("sync.run.finished", **summary.as_dict())
         return summary
+
+
+def resync_customer(
+    sessionmaker: sessionmaker[Session],
+    *,
+    connection_id: int,
+    external_id: str,
+    settings: Settings,
+    key: bytes,
+    dry_run: bool = False,
+    transport: httpx.BaseTransport | None = None,
+    budget: RateBudget | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Fetch one customer from the connection's source and apply it like a sync page of one
+    (identity, stale guard, conflicts); a customer the source no longer has becomes a tombstone.
+
+    Returns `{connection_id, source, external_id, found, ...PageCounts}`. Raises the connector
+    error when the source can't be read (the caller reports it), `ConfigurationError` when the
+    source can't fetch single customers.
+    """
+    external_id = external_id.strip()
+    if not external_id:
+        raise ValidationFailed({"external_id": ["can't be blank"]})
+    with sessionmaker() as session:
+        connection = _load(session, connection_id)
+        target = Target(
+            id=connection.id,
+            store_id=connection.store_id,
+            source=connection.source,
+            account=connection.account,
+            api_base_url=connection.api_base_url,
+            api_version=connection.api_version,
+            config=dict(connection.config or {}),
+        )
+        policy = policy_from_config(connection.config, source=connection.source)
+        secrets = credentials(connection, key=key)
+    bound = structlog.get_logger(__name__).bind(
+        connection_id=connection_id, source=target.source, dry_run=dry_run
+    )
+    with make_client(base_url=target.api_base_url, transport=transport) as http:
+        adapter = make_adapter(
+            AdapterContext(
+                target=target,
+                secrets=secrets,
+                settings=settings,
+                http=http,
+                budget=budget,
+                sleep=sleep,
+            )
+        )
+        fetch = getattr(adapter, "fetch_customer", None)
+        if fetch is None:
+            raise ConfigurationError(f"{target.source} can't fetch a single customer")
+        record: ForeignCustomer | None = fetch(external_id)
+    found = record is not None
+    if record is None:
+        record = ForeignCustomer(source=target.source, external_id=external_id, deleted=True)
+    with sessionmaker() as session:
+        try:
+            counts = apply_customer_page(
+                session,
+                store_id=target.store_id,
+                records=[record],
+                policy=policy,
+                dry_run=dry_run,
+            )
+            if dry_run:
+                session.rollback()
+            else:
+                session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+    result = {
+        "connection_id": target.id,
+        "source": target.source,
+        "external_id": external_id,
+        "found": found,
+        "dry_run": dry_run,
+        **counts.as_dict(),
+    }
+    bound.info("sync.resync_customer", **{k: v for k, v in result.items() if k != "external_id"})
+    return result

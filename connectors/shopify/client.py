@@ -183,7 +183,11 @@ class ShopifyClient:
             connector_http.classify(response)
 
         response = connector_http.send_with_retries(
-            send, classify=classify, max_attempts=self._max_attempts, sleep=self._sleep
+            send,
+            classify=classify,
+            max_attempts=self._max_attempts,
+            sleep=self._sleep,
+            source="shopify",
         )
         body = _json_body(response)
         if body is None:
@@ -208,3 +212,36 @@ class ShopifyClient:
         if not isinstance(data, dict):
             raise FatalError("shopify answer has no data", status=response.status_code)
         return data
+
+
+CUSTOMER_QUERY = """
+query Customer($id: ID!) {
+  customer(id: $id) {
+    id
+    legacyResourceId
+    firstName
+    lastName
+    displayName
+    defaultEmailAddress { emailAddress marketingState }
+    defaultPhoneNumber { phoneNumber marketingState }
+    email
+    phone
+    note
+    tags
+    state
+    verifiedEmail
+    createdAt
+    updatedAt
+  }
+}
+""".strip()
+
+
+def fetch_customer(client: ShopifyClient, external_id: str) -> dict[str, Any] | None:
+    """One customer node by its numeric id (the same fields the sync pages read), or None when
+    Shopify no longer has it (deleted)."""
+    if not external_id.isdigit():
+        raise FatalError(f"not a Shopify customer id: {external_id!r}")
+    data = client.execute(CUSTOMER_QUERY, {"id": f"gid://shopify/Customer/{external_id}"}, cost=2.0)
+    node = data.get("customer")
+    return node if isinstance(node, dict) else None

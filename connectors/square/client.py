@@ -167,6 +167,7 @@ class SquareClient:
                 max_attempts=self._max_attempts,
                 sleep=self._sleep,
                 on_retry=self._on_retry,
+                source="square",
             )
         except RetriableError as exc:
             if exc.status == 429:
@@ -183,3 +184,18 @@ class SquareClient:
     def search_customers(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """`POST /v2/customers/search` → the decoded answer (`customers`, `cursor`)."""
         return self._post(SEARCH_CUSTOMERS_PATH, body)
+
+
+def fetch_customer(client: SquareClient, customer_id: str) -> dict[str, Any] | None:
+    """`GET /v2/customers/{id}` → the customer object, or None when Square answers 404 (deleted
+    or merged away)."""
+    from urllib.parse import quote
+
+    try:
+        data = client.request("GET", f"/v2/customers/{quote(customer_id, safe='')}")
+    except FatalError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    customer = data.get("customer")
+    return customer if isinstance(customer, dict) else None
