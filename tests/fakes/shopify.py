@@ -287,7 +287,18 @@ class FakeShopify:
             except (ValueError, KeyError, TypeError):
                 return httpx.Response(400, json={"errors": "Bad Request"})
             self.variables_seen.append(dict(variables))
+            if query.lstrip().startswith("query Customer(") and "customer(id:" in query:
+                return self._customer(variables)
             return self._customers(query, variables)
+
+    def _customer(self, variables: Mapping[str, Any]) -> httpx.Response:
+        """`customer(id: "gid://shopify/Customer/<n>")` → the node, or null when unknown."""
+        gid = str(variables.get("id") or "")
+        numeric = gid.rsplit("/", 1)[-1]
+        node = self._nodes.get(int(numeric)) if numeric.isdigit() else None
+        return httpx.Response(
+            200, json={"data": {"customer": node}, "extensions": {"cost": self._cost(2, 1)}}
+        )
 
     def _customers(self, query: str, variables: Mapping[str, Any]) -> httpx.Response:
         if "customers(" not in query or "sortKey: UPDATED_AT" not in query:
