@@ -28,6 +28,8 @@ from models.tables import (
 # A run in progress whose state has not moved for this long lost its worker (its chain of
 # steps broke): the next dispatch resumes it from the saved cursor.
 STALE_AFTER: Final = dt.timedelta(minutes=10)
+# A run that failed half-way is resumed (from its cursor) this long after it failed.
+RETRY_AFTER: Final = dt.timedelta(minutes=1)
 # Each connection's interval is stretched by up to ±JITTER so connections don't pull in step.
 JITTER: Final = 0.1
 # Webhook events that may be deleted once old: handled ones. `failed`/`invalid` stay for the
@@ -80,6 +82,11 @@ def is_due(
     if not connection.enabled or connection.status != "active":
         return False
     if state is not None and state.in_progress:
+        if last_run is not None and last_run.status != "running":
+            # The run in progress ended failed (source outage, database gone): resume it from
+            # its cursor once RETRY_AFTER has passed.
+            ended = _aware(last_run.finished_at) or _aware(last_run.started_at)
+            return ended is None or now - ended >= RETRY_AFTER
         # A chain of steps is working on it, unless it stopped moving (its worker died).
         moved = _aware(state.updated_at)
         return moved is None or now - moved >= stale_after

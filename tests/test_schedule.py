@@ -431,3 +431,25 @@ def test_retention_deletes_only_old_handled_rows(
         left = sorted(s.scalars(select(WebhookEvent.status)).all())
         assert left == ["done", "failed", "invalid", "pending"]
         assert sorted(s.scalars(select(OutboxMessage.status)).all()) == ["failed", "pending"]
+
+
+def test_a_run_that_failed_half_way_is_resumed_after_a_minute(
+    engine: Engine, make_store: Callable[..., tuple[int, str]]
+) -> None:
+    store_id, _ = make_store()
+    cid = _connect(engine, store_id, "http://127.0.0.1:9")
+    with Session(engine) as s:
+        run = _run(s, cid, started=NOW - dt.timedelta(minutes=3), status="failed")
+        run.finished_at = NOW
+        s.add(
+            SyncState(
+                connection_id=cid,
+                stream="customers",
+                in_progress=True,
+                run_id=run.id,
+                updated_at=NOW,
+            )
+        )
+        s.commit()
+        assert due_connections(s, now=NOW + dt.timedelta(seconds=30), default_interval=900) == []
+        assert due_connections(s, now=NOW + dt.timedelta(seconds=60), default_interval=900) == [cid]

@@ -24,6 +24,7 @@ import functools
 from typing import Any, Final
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 
 from models.schedule import connection_is_due, due_connections, prune_handled
 from models.sync_state import CUSTOMERS_STREAM
@@ -81,8 +82,19 @@ def dispatch_syncs() -> dict[str, int]:
     return {"dispatched": len(due)}
 
 
-@app.task(name=SYNC_TASK, ignore_result=True)
+@app.task(
+    name=SYNC_TASK,
+    ignore_result=True,
+    # The database went away mid-step (restart, failover): every committed page is kept with
+    # its cursor; try again shortly and the run resumes where it stopped.
+    autoretry_for=(DBAPIError,),
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=12,
+    bind=True,
+)
 def sync_connection(
+    self: Any,
     connection_id: int,
     full: bool = False,
     force: bool = False,
@@ -92,13 +104,14 @@ def sync_connection(
     """One step of a connection's customer sync (see the module docstring).
 
     Scheduled steps re-check that the connection is still due when they start (a queue backlog
-    never turns into back-to-back runs); `force` (an operator's `sync run --enqueue`) and
-    continuation steps don't.
+    never turns into back-to-back runs); `force` (an operator's `sync run --enqueue`),
+    continuation steps and retries don't.
     """
     from worker.sync import run_customer_sync
 
     sessions = database.sessionmaker()
-    if not force and continue_run is None:
+    retry = bool(getattr(self.request, "retries", 0))
+    if not force and continue_run is None and not retry:
         with sessions() as session:
             if not connection_is_due(
                 session, connection_id, default_interval=settings().sync_interval_seconds

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     webhook_batch_max_rows: int = Field(default=200, alias="WEBHOOK_BATCH_MAX_ROWS", ge=1, le=1000)
     webhook_batch_wait_ms: float = Field(default=2.0, alias="WEBHOOK_BATCH_WAIT_MS", ge=0, le=1000)
     # How long a shop domain / merchant id → connection look-up (hit or miss) is reused.
+    # A claimed inbox row whose worker did not finish within this long is re-driven by the sweep.
+    webhook_lease_seconds: float = Field(default=300.0, alias="WEBHOOK_LEASE_SECONDS", gt=0)
     webhook_route_cache_seconds: float = Field(
         default=5.0, alias="WEBHOOK_ROUTE_CACHE_SECONDS", ge=0
     )

@@ -125,8 +125,9 @@ def drain_inbox(
 @app.task(name=SWEEP_TASK, ignore_result=True)
 def sweep_inbox() -> dict[str, int]:
     """Re-drive rows whose worker died (lease expired), then drain what is due."""
+    lease = dt.timedelta(seconds=Settings().webhook_lease_seconds)
     with database.sessionmaker()() as session, session.begin():
-        swept = webhook_processing.sweep(session)
+        swept = webhook_processing.sweep(session, lease=lease)
     pruned = prune_embedded_broker(str(app.conf.broker_url))
     drained = drain_inbox.run()
     return {"swept": swept, "pruned": pruned, **drained}
