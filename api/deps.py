@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import ApiError
 from models.accounts import authenticate
+from models.tables import OutboxMessage
 
 _bearer = HTTPBearer(auto_error=False, description="API token of the store (`lsk_…`)")
 
@@ -31,6 +33,29 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+_OUTBOX_ADDED = "outbox_rows_added"
+
+
+def on_outbox_commit(factory: sessionmaker[Session], callback: Callable[[], None]) -> None:
+    """Call `callback()` after each commit of a `factory` session that added outbox rows (an
+    enrolment's card links, a stamp's pass update), so the outbox workers deliver them now
+    instead of at their next periodic pass. The callback must not block (e.g. a waker that
+    sets a flag for its own thread); a rolled-back transaction calls nothing."""
+
+    @event.listens_for(factory, "after_flush")
+    def _added(session: Session, _context: Any) -> None:
+        if any(isinstance(obj, OutboxMessage) for obj in session.new):
+            session.info[_OUTBOX_ADDED] = True
+
+    @event.listens_for(factory, "after_commit")
+    def _committed(session: Session) -> None:
+        if session.info.pop(_OUTBOX_ADDED, False):
+            callback()
+
+    @event.listens_for(factory, "after_rollback")
+    def _rolled_back(session: Session) -> None:
+        session.info.pop(_OUTBOX_ADDED, None)
 
 
 def authenticated_store(
