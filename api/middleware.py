@@ -14,6 +14,29 @@ log = structlog.get_logger("api")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def request_id_of(scope: Scope) -> str:
+    """The request's id: a safe incoming `X-Request-Id`, else a new one; kept in the scope."""
+    incoming = ""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            incoming = value.decode("latin-1")
+            break
+    request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+    scope.setdefault("state", {})["request_id"] = request_id
+    return request_id
+
+
+def log_request(scope: Scope, status: int, started: float) -> None:
+    # The path holds ids only; the query string may hold PII (search=...): not logged.
+    log.info(
+        "http.request",
+        method=scope.get("method"),
+        path=scope.get("path"),
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -22,13 +45,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = ""
-        for name, value in scope.get("headers", ()):
-            if name == b"x-request-id":
-                incoming = value.decode("latin-1")
-                break
-        request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_id = request_id_of(scope)
         status: dict[str, Any] = {"code": 500}
         started = time.perf_counter()
 
@@ -44,11 +61,4 @@ class RequestContextMiddleware:
             try:
                 await self.app(scope, receive, _send)
             finally:
-                # The path holds ids only; the query string may hold PII (search=...): not logged.
-                log.info(
-                    "http.request",
-                    method=scope.get("method"),
-                    path=scope.get("path"),
-                    status=status["code"],
-                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                )
+                log_request(scope, status["code"], started)

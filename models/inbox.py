@@ -9,11 +9,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from models.tables import Connection as ConnectionRow
@@ -194,6 +195,56 @@ def _row(delivery: Delivery, route: Route | None) -> dict[str, Any]:
     }
 
 
+# PostgreSQL: the whole batch as one statement whose text never changes (columns as arrays,
+# `unnest`ed server-side), so it is parsed and planned once per connection, whatever the batch
+# size — a multi-row VALUES list is a new statement text for every size.
+_PG_INSERT = text(
+    """
+    INSERT INTO webhook_events (
+        source, dedupe_key, topic, event_id, store_id, connection_id, account, api_version,
+        triggered_at, received_at, status, attempts, next_attempt_at, last_error, body, headers
+    )
+    SELECT u.source, u.dedupe_key, u.topic, u.event_id, u.store_id, u.connection_id,
+           u.account, u.api_version, u.triggered_at, u.received_at, u.status, 0,
+           u.received_at, u.last_error, u.body, u.headers::jsonb
+    FROM unnest(
+        CAST(:source AS text[]), CAST(:dedupe_key AS text[]), CAST(:topic AS text[]),
+        CAST(:event_id AS text[]), CAST(:store_id AS bigint[]),
+        CAST(:connection_id AS bigint[]), CAST(:account AS text[]),
+        CAST(:api_version AS text[]), CAST(:triggered_at AS timestamptz[]),
+        CAST(:received_at AS timestamptz[]), CAST(:status AS text[]),
+        CAST(:last_error AS text[]), CAST(:body AS text[]), CAST(:headers AS text[])
+    ) AS u(source, dedupe_key, topic, event_id, store_id, connection_id, account, api_version,
+           triggered_at, received_at, status, last_error, body, headers)
+    ON CONFLICT (source, dedupe_key) DO NOTHING
+    RETURNING source, dedupe_key
+    """
+)
+_PG_COLUMNS = (
+    "source",
+    "dedupe_key",
+    "topic",
+    "event_id",
+    "store_id",
+    "connection_id",
+    "account",
+    "api_version",
+    "triggered_at",
+    "received_at",
+    "status",
+    "last_error",
+    "body",
+)
+
+
+def _insert_postgresql(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[tuple[str, str]]:
+    params: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in _PG_COLUMNS}
+    params["headers"] = [json.dumps(row["headers"]) for row in rows]
+    for name in ("triggered_at", "received_at"):
+        params[name] = [v.astimezone(dt.UTC) if v is not None else None for v in params[name]]
+    return {(source, key) for source, key in conn.execute(_PG_INSERT, params)}
+
+
 def insert_batch(
     conn: Connection,
     deliveries: Sequence[Delivery],
@@ -217,7 +268,9 @@ def insert_batch(
         route = routes.get((delivery.source, delivery.account)) if delivery.account else None
         rows.append(_row(delivery, route))
     inserted: set[tuple[str, str]] = set()
-    if rows:
+    if rows and conn.dialect.name == "postgresql":
+        inserted = _insert_postgresql(conn, rows)
+    elif rows:
         insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
         stmt = (
             insert(WebhookEvent)
