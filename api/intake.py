@@ -25,8 +25,42 @@ from sqlalchemy import Connection, Engine
 
 from models import inbox
 from models.inbox import Delivery, Outcome, Route
+from worker.metrics import WEBHOOKS_DUPLICATED, WEBHOOKS_RECEIVED
 
 log = structlog.get_logger("api.intake")
+
+# Metric children bound once: a committed batch costs one `inc` per (source, status) seen.
+SOURCES = ("shopify", "square")
+_RECEIVED = {
+    (source, status): WEBHOOKS_RECEIVED.labels(source=source, status=status)
+    for source in SOURCES
+    for status in ("accepted", "duplicate", "ignored", "invalid")
+}
+_DUPLICATED = {source: WEBHOOKS_DUPLICATED.labels(source=source) for source in SOURCES}
+
+
+def count_outcomes(deliveries: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
+    """Count a committed batch: `received` by the status each request is answered with (a
+    signed body that doesn't parse is `invalid`, stored or not), `duplicated` per delivery
+    already in the inbox."""
+    received: Counter[tuple[str, str]] = Counter()
+    duplicated: Counter[str] = Counter()
+    for delivery, outcome in zip(deliveries, outcomes, strict=True):
+        status: str = "invalid" if delivery.invalid_reason is not None else outcome
+        received[(delivery.source, status)] += 1
+        if outcome == "duplicate":
+            duplicated[delivery.source] += 1
+    for (source, status), n in received.items():
+        child = _RECEIVED.get((source, status))
+        if child is None:
+            child = WEBHOOKS_RECEIVED.labels(source=source, status=status)
+        child.inc(n)
+    for source, n in duplicated.items():
+        dup = _DUPLICATED.get(source)
+        if dup is None:
+            dup = WEBHOOKS_DUPLICATED.labels(source=source)
+        dup.inc(n)
+
 
 RETRY_AFTER_SECONDS = 5
 
@@ -219,6 +253,7 @@ class IntakeWriter:
             outcomes, new_pending = inbox.insert_batch(conn, deliveries, routes)
         self.batches += 1
         self.deliveries += len(deliveries)
+        count_outcomes(deliveries, outcomes)
         log.debug(
             "webhook.intake_batch",
             rows=len(deliveries),

@@ -7,6 +7,9 @@
 - `send_with_retries` retries `RetriableError` only — never `Exception`, never 401/403/400 —
   waiting at least what the server asked for (`Retry-After`) and otherwise an exponential backoff
   with full jitter, so N workers that failed together don't come back together.
+- `observers` is the one observability hook: each callable gets `(source, status_class,
+  throttled)` once per HTTP attempt made through `send_with_retries` (retries included), so the
+  worker can count upstream requests and throttles without `connectors/` importing it.
 """
 
 from __future__ import annotations
@@ -18,12 +21,38 @@ import time
 from collections.abc import Callable, Mapping
 
 import httpx
+import structlog
 import tenacity
 
 from connectors.errors import ConfigurationError, FatalError, RetriableError
 
+log = structlog.get_logger(__name__)
+
 RETRIABLE_STATUSES = frozenset({408, 429})
 CONFIGURATION_STATUSES = frozenset({401, 403})
+
+UpstreamObserver = Callable[[str, str, bool], None]
+"""`(source, status_class, throttled)`: `status_class` is `2xx`…`5xx`, or `error` when no answer
+came (timeout, connection error); `throttled` is True for a 429 or a THROTTLED envelope."""
+
+observers: list[UpstreamObserver] = []
+"""Called after every attempt of `send_with_retries`, in order; registered once at start-up
+(e.g. `worker.metrics.install_upstream_observer`). An observer that raises is logged and
+skipped: it never fails or retries a request."""
+
+
+def status_class(status: int) -> str:
+    """`2xx`, `4xx`, … for an HTTP status (`error` outside 100 to 599)."""
+    return f"{status // 100}xx" if 100 <= status < 600 else "error"
+
+
+def notify_observers(source: str, status: str, *, throttled: bool) -> None:
+    """Tell every registered observer about one attempt (see `observers`)."""
+    for observer in tuple(observers):
+        try:
+            observer(source, status, throttled)
+        except Exception as exc:  # noqa: BLE001 - observability must never break a request
+            log.warning("upstream.observer_failed", source=source, error_type=type(exc).__name__)
 
 
 def make_client(
@@ -133,6 +162,7 @@ def send_with_retries(
     max_delay: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     on_retry: Callable[[RetriableError, float], None] | None = None,
+    source: str = "unknown",
 ) -> httpx.Response:
     """Call `send()` until `classify` accepts the answer or a non-retriable error occurs.
 
@@ -141,6 +171,7 @@ def send_with_retries(
     figure is honoured as given, the backoff is capped. After `max_attempts` calls the last
     `RetriableError` is re-raised; `ConfigurationError`/`FatalError` propagate at once.
     `on_retry(error, wait)` is called before each sleep (logging, `throttled` counters).
+    Every attempt is reported to `observers` under `source` (a bounded name: `shopify`, …).
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -150,8 +181,18 @@ def send_with_retries(
         try:
             response = send()
         except httpx.TransportError as exc:  # includes every httpx.TimeoutException
+            if observers:
+                notify_observers(source, "error", throttled=False)
             raise _transport_error(exc) from exc
-        classify(response)
+        throttled = False
+        try:
+            classify(response)
+        except RetriableError as exc:
+            throttled = exc.status == 429 or exc.code == "THROTTLED"
+            raise
+        finally:
+            if observers:
+                notify_observers(source, status_class(response.status_code), throttled=throttled)
         return response
 
     def wait(state: tenacity.RetryCallState) -> float:

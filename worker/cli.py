@@ -154,6 +154,9 @@ def _root(ctx: typer.Context) -> None:
     from worker.logging import configure_logging
 
     configure_logging(log_format=settings.log_format, level=settings.log_level)
+    from worker.metrics import install_upstream_observer
+
+    install_upstream_observer()
     ctx.obj = CliState(settings=settings)
 
 
@@ -265,6 +268,15 @@ def run_worker(
     `queues` (default: every queue of the service)."""
     from celery.signals import worker_ready, worker_shutting_down
 
+    from worker import metrics
+    from worker.metrics_db import DbGaugeCollector
+
+    # Before the pool forks and before any metric is touched: children write their samples to
+    # files the exporter (in this process) sums at scrape time.
+    if settings.metrics_port:
+        metrics.prepare_multiprocess()
+    exporters: list[metrics.Exporter] = []
+
     from worker import tasks
     from worker.celery_app import QUEUE, QUEUES, broker_url, configure, ensure_broker_directory
 
@@ -279,6 +291,12 @@ def run_worker(
     # The thread starts once the pool has forked its children (never before a fork).
     def _ready(**_kwargs: Any) -> None:
         periodic.start()
+        exporter = metrics.start_exporter(
+            settings.metrics_port,
+            collectors=[DbGaugeCollector.for_url(settings.database_url)],
+        )
+        if exporter is not None:
+            exporters.append(exporter)
 
     def _stopping(**_kwargs: Any) -> None:
         periodic.stop()
@@ -301,6 +319,8 @@ def run_worker(
         return int(worker.exitcode or 0)
     finally:
         periodic.stop()
+        for exporter in exporters:
+            exporter.stop()
         worker_ready.disconnect(_ready)
         worker_shutting_down.disconnect(_stopping)
 

@@ -449,6 +449,21 @@ def _end_crashed(session: Session, plan: _Plan, summary: SyncSummary, exc: BaseE
         session.commit()
 
 
+_METRIC_OUTCOMES = ("created", "updated", "linked", "unchanged", "conflicts", "deleted", "merged")
+
+
+def _count_records(target: Target, counts: PageCounts) -> None:
+    """`loyalty_sync_records_total` by connection and outcome (the worker's exporter)."""
+    from worker.metrics import SYNC_RECORDS
+
+    values = counts.as_dict()
+    for outcome in _METRIC_OUTCOMES:
+        if values.get(outcome):
+            SYNC_RECORDS.labels(
+                source=target.source, connection_id=str(target.id), outcome=outcome
+            ).inc(values[outcome])
+
+
 def run_customer_sync(
     sessionmaker: sessionmaker[Session],
     *,
@@ -518,6 +533,8 @@ def run_customer_sync(
                 for page in pages:
                     counts = _apply_page(session, plan, page, source, dry_run=dry_run)
                     summary.add_page(page, counts)
+                    if not dry_run:
+                        _count_records(plan.target, counts)
                     summary.requests, summary.throttled = source.requests, source.throttled
                     bound.info(
                         "sync.run.page",

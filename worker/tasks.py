@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -93,6 +93,13 @@ def _on_worker_process_init(**_kwargs: Any) -> None:
     database.forked()
 
 
+@worker_process_shutdown.connect
+def _on_worker_process_shutdown(pid: int | None = None, **_kwargs: Any) -> None:
+    from worker import metrics
+
+    metrics.child_exited(pid)
+
+
 # --- tasks -------------------------------------------------------------------------------------
 
 
@@ -106,6 +113,7 @@ def drain_inbox(
         database.sessionmaker(), batch_size=batch_size, max_batches=max_batches
     )
     totals = result.as_dict()
+    _count_events(totals)
     more = result.batches >= max_batches
     if result.claimed or more:
         log.info(
@@ -120,6 +128,17 @@ def drain_inbox(
             expires=WAKE_EXPIRES_SECONDS,
         )
     return totals
+
+
+def _count_events(totals: dict[str, int]) -> None:
+    """Inbox events applied / failed (all sources: a batch mixes them)."""
+    from worker.metrics import EVENTS_FAILED, EVENTS_PROCESSED
+
+    if totals.get("done"):
+        EVENTS_PROCESSED.labels(source="all").inc(totals["done"])
+    failed = totals.get("failed", 0) + totals.get("retried", 0)
+    if failed:
+        EVENTS_FAILED.labels(source="all").inc(failed)
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)
