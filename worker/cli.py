@@ -206,23 +206,32 @@ def serve_api(settings: Settings, *, host: str, port: int) -> None:
 
     from api.app import create_app
     from worker.celery_app import broker_url, configure, ensure_broker_directory
+    from worker.scheduled import send_outbox
     from worker.tasks import DrainWaker
 
     configure(settings)
     ensure_broker_directory(broker_url(settings))
     waker = DrainWaker().start()
+    # Card links and pass updates go out right after the commit that queued them (one
+    # message per burst), not at the outbox's next periodic pass.
+    outbox_waker = DrainWaker(send_outbox, interval=0.2).start()
     try:
         # uvicorn shuts down gracefully on Ctrl+C, then re-raises the signal: that is no error.
         with suppress(KeyboardInterrupt):
             # log_config=None keeps uvicorn on the root logger that configure_logging set up.
             uvicorn.run(
-                create_app(settings, on_webhooks_committed=waker),
+                create_app(
+                    settings,
+                    on_webhooks_committed=waker,
+                    on_outbox_committed=lambda: outbox_waker(1),
+                ),
                 host=host,
                 port=port,
                 log_config=None,
             )
     finally:
         waker.stop()
+        outbox_waker.stop()
 
 
 @dataclass(frozen=True, slots=True)
