@@ -80,6 +80,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # Parsed once: the webhook route reads them on every delivery.
+    app.state.shopify_secrets = settings.shopify_secrets()
     app.state.engine = db
     app.state.sessionmaker = make_sessionmaker(db)
     if on_outbox_committed is not None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -21,7 +21,7 @@ def request_id_of(scope: Scope) -> str:
         if name == b"x-request-id":
             incoming = value.decode("latin-1")
             break
-    request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if _SAFE_ID.match(incoming) else os.urandom(16).hex()
     scope.setdefault("state", {})["request_id"] = request_id
     return request_id
 

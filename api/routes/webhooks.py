@@ -164,11 +164,15 @@ async def shopify_webhook(request: Request) -> JSONResponse:
     """A Shopify delivery: `X-Shopify-Hmac-Sha256` over the raw body with any configured secret;
     routed by `X-Shopify-Shop-Domain`, deduplicated on `X-Shopify-Webhook-Id`."""
     settings: Settings = request.app.state.settings
-    secrets = settings.shopify_secrets()
+    secrets = request.app.state.shopify_secrets
     if not secrets:
         raise _disabled("shopify")
     raw = await _read_body(request, "shopify", settings.webhook_max_bytes)
-    headers = request.headers
+    # ASGI header names are lower-case bytes: one decoded dict, looked up directly (a
+    # `request.headers` look-up scans and decodes every header each time).
+    headers: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
 
     def h(name: str, max_len: int = inbox.EVENT_ID_LEN) -> str | None:
         return inbox.clean_text(shopify.header(headers, name), max_len)

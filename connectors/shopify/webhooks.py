@@ -25,7 +25,13 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
         if suffix.startswith(prefix):
             suffix = suffix[len(prefix) :]
             break
-    wanted = {prefix + suffix for prefix in _PREFIXES}
+    wanted = [prefix + suffix for prefix in _PREFIXES]
+    # Lower-case keys (ASGI headers, case-insensitive mappings) answer directly; other mappings
+    # are scanned.
+    for key in wanted:
+        found = headers.get(key)
+        if found is not None:
+            return found
     for key, value in headers.items():
         if key.lower() in wanted:
             return value
