@@ -37,14 +37,15 @@ def _outcome(status: int, body: bytes) -> str:
 async def _connection(
     host: str,
     port: int,
-    queue: list[bytes],
+    queue: list[tuple[int, bytes]],
     latencies: list[float],
     outcomes: dict[str, int],
+    answered: list[float],
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while queue:
-            request = queue.pop()
+            index, request = queue.pop()
             started = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -57,6 +58,7 @@ async def _connection(
                     break
             body = await reader.readexactly(length) if length else b""
             latencies.append(time.perf_counter() - started)
+            answered[index] = time.time()
             key = _outcome(status, body)
             outcomes[key] = outcomes.get(key, 0) + 1
     finally:
@@ -64,25 +66,37 @@ async def _connection(
 
 
 async def _run(
-    host: str, port: int, requests: Sequence[bytes], concurrency: int
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    concurrency: int,
+    answered: list[float],
 ) -> tuple[list[float], dict[str, int], float]:
-    queue = list(reversed(requests))
+    queue = list(reversed(list(enumerate(requests))))
     latencies: list[float] = []
     outcomes: dict[str, int] = {}
     started = time.perf_counter()
     await asyncio.gather(
-        *(_connection(host, port, queue, latencies, outcomes) for _ in range(concurrency))
+        *(_connection(host, port, queue, latencies, outcomes, answered) for _ in range(concurrency))
     )
     return latencies, outcomes, time.perf_counter() - started
 
 
 def run(
-    host: str, port: int, requests: Sequence[bytes], *, concurrency: int
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    *,
+    concurrency: int,
+    answered: list[float] | None = None,
 ) -> tuple[list[float], dict[str, int], float]:
-    """Send every request over `concurrency` connections; (latencies s, outcomes, elapsed s)."""
+    """Send every request over `concurrency` connections, in order; returns (latencies s,
+    outcomes, elapsed s). `answered`, when given (as long as `requests`), receives the wall-clock
+    time (`time.time()`) each request's answer arrived."""
+    times = answered if answered is not None else [0.0] * len(requests)
     try:
         import uvloop
 
-        return uvloop.run(_run(host, port, requests, concurrency))
+        return uvloop.run(_run(host, port, requests, concurrency, times))
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-        return asyncio.run(_run(host, port, requests, concurrency))
+        return asyncio.run(_run(host, port, requests, concurrency, times))
