@@ -109,6 +109,11 @@ class FakeShopify:
         self.throttled_answers = 0
         self.faults = 0
         self.variables_seen: list[dict[str, Any]] = []
+        # Metafields by (ownerId, namespace, key) → {"type", "value"}; `metafield_writes` counts
+        # metafieldsSet inputs that changed a value (an identical set changes nothing).
+        self.metafields: dict[tuple[str, str, str], dict[str, str]] = {}
+        self.metafield_writes = 0
+        self.metafield_requests = 0
         for customer in customers:
             self.add_customer(**customer)
 
@@ -287,9 +292,75 @@ class FakeShopify:
             except (ValueError, KeyError, TypeError):
                 return httpx.Response(400, json={"errors": "Bad Request"})
             self.variables_seen.append(dict(variables))
+            if "metafieldsSet(" in query:
+                return self._metafields_set(variables)
             if query.lstrip().startswith("query Customer(") and "customer(id:" in query:
                 return self._customer(variables)
             return self._customers(query, variables)
+
+    def _metafields_set(self, variables: Mapping[str, Any]) -> httpx.Response:
+        """`metafieldsSet(metafields: [...])`: atomic; userErrors for an unknown owner, a
+        missing field, a key of the wrong length or more than 25 inputs (nothing is written)."""
+        self.metafield_requests += 1
+        inputs = variables.get("metafields")
+        errors: list[dict[str, Any]] = []
+        if not isinstance(inputs, list) or not 1 <= len(inputs) <= 25:
+            errors.append(
+                {"field": ["metafields"], "message": "1 to 25 metafields", "code": "INVALID"}
+            )
+            inputs = []
+        for index, item in enumerate(inputs):
+            where = ["metafields", str(index)]
+            if not isinstance(item, Mapping):
+                errors.append({"field": where, "message": "is invalid", "code": "INVALID"})
+                continue
+            for name in ("ownerId", "key", "value", "type"):
+                if not item.get(name):
+                    errors.append(
+                        {"field": [*where, name], "message": "can't be blank", "code": "BLANK"}
+                    )
+            key = str(item.get("key") or "")
+            if key and not 2 <= len(key) <= 64:
+                errors.append(
+                    {"field": [*where, "key"], "message": "is invalid", "code": "INVALID"}
+                )
+            numeric = str(item.get("ownerId") or "").rsplit("/", 1)[-1]
+            if not (numeric.isdigit() and int(numeric) in self._nodes):
+                errors.append(
+                    {
+                        "field": [*where, "ownerId"],
+                        "message": "Owner does not exist.",
+                        "code": "INVALID",
+                    }
+                )
+        written: list[dict[str, Any]] = []
+        if not errors:
+            for item in inputs:
+                ident = (str(item["ownerId"]), str(item.get("namespace") or "$app"), item["key"])
+                value = {"type": str(item["type"]), "value": str(item["value"])}
+                if self.metafields.get(ident) != value:
+                    self.metafields[ident] = value
+                    self.metafield_writes += 1
+                written.append(
+                    {
+                        "id": f"gid://shopify/Metafield/{abs(hash(ident)) % 10**9}",
+                        "namespace": ident[1],
+                        "key": ident[2],
+                        "value": value["value"],
+                    }
+                )
+        return httpx.Response(
+            200,
+            json={
+                "data": {
+                    "metafieldsSet": {
+                        "metafields": None if errors else written,
+                        "userErrors": errors,
+                    }
+                },
+                "extensions": {"cost": self._cost(10, 10)},
+            },
+        )
 
     def _customer(self, variables: Mapping[str, Any]) -> httpx.Response:
         """`customer(id: "gid://shopify/Customer/<n>")` → the node, or null when unknown."""

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,6 +31,12 @@ from connectors.records import parse_instant
 from tests.fakes.server import serve as serve_http
 
 SEARCH_PATH = "/v2/customers/search"
+DEFINITIONS_PATH = "/v2/customers/custom-attribute-definitions"
+_UPSERT_PATH = re.compile(r"^/v2/customers/([^/]+)/custom-attributes/([^/]+)$")
+_ATTRIBUTE_KEY = re.compile(r"^[a-zA-Z0-9._-]{1,60}$")
+VISIBILITIES = frozenset(
+    {"VISIBILITY_HIDDEN", "VISIBILITY_READ_ONLY", "VISIBILITY_READ_WRITE_VALUES"}
+)
 DEFAULT_TOKEN = "square-test-token"
 MAX_LIMIT = 100
 
@@ -117,6 +124,13 @@ class FakeSquare:
         self.invalid_cursors = 0  # 400 INVALID_CURSOR answers
         self.unauthorized = 0  # 401 answers
         self.bodies: list[dict[str, Any]] = []  # every search body that reached the search
+        # Customer custom attributes: definitions by key; values by (customer id, key); upsert
+        # answers by idempotency key (a replay gets the first answer, writes nothing).
+        self.attribute_definitions: dict[str, dict[str, Any]] = {}
+        self.custom_attributes: dict[tuple[str, str], dict[str, Any]] = {}
+        self.definition_requests = 0
+        self.attribute_writes = 0  # upserts that wrote (not idempotent replays)
+        self._upserts: dict[str, dict[str, Any]] = {}
         for customer in customers:
             self.add_customer(**customer)
 
@@ -297,6 +311,13 @@ class FakeSquare:
                     "UNAUTHORIZED",
                     "This request could not be authorized.",
                 )
+            path = request.url.path
+            if (
+                request.method == "POST"
+                and path != SEARCH_PATH
+                and (path == DEFINITIONS_PATH or _UPSERT_PATH.match(path))
+            ):
+                return self._custom_attributes(request)
             if request.url.path != SEARCH_PATH:
                 return _error(404, "INVALID_REQUEST_ERROR", "NOT_FOUND", "Resource not found.")
             if request.method != "POST":
@@ -314,6 +335,77 @@ class FakeSquare:
                 return _error(400, "INVALID_REQUEST_ERROR", "BAD_REQUEST", "Body is not an object.")
             self.bodies.append(body)
             return self._search(body, number)
+
+    def _custom_attributes(self, request: httpx.Request) -> httpx.Response:
+        """CreateCustomerCustomAttributeDefinition and UpsertCustomerCustomAttribute."""
+        try:
+            body = json.loads(request.content or b"{}")
+        except ValueError:
+            return _error(400, "INVALID_REQUEST_ERROR", "BAD_REQUEST", "Invalid JSON body.")
+        if not isinstance(body, dict):
+            return _error(400, "INVALID_REQUEST_ERROR", "BAD_REQUEST", "Body is not an object.")
+        path = request.url.path
+        if path == DEFINITIONS_PATH:
+            self.definition_requests += 1
+            definition = body.get("custom_attribute_definition")
+            if not isinstance(definition, dict):
+                return _error(
+                    400,
+                    "INVALID_REQUEST_ERROR",
+                    "MISSING_REQUIRED_PARAMETER",
+                    "Missing definition.",
+                )
+            key = str(definition.get("key") or "")
+            if not _ATTRIBUTE_KEY.match(key):
+                return _error(400, "INVALID_REQUEST_ERROR", "INVALID_VALUE", "Invalid key.")
+            schema = definition.get("schema")
+            if not isinstance(schema, dict) or "$ref" not in schema:
+                return _error(
+                    400,
+                    "INVALID_REQUEST_ERROR",
+                    "BAD_REQUEST",
+                    "Missing required parameter schema",
+                    field="schema",
+                )
+            visibility = definition.get("visibility", "VISIBILITY_HIDDEN")
+            if visibility not in VISIBILITIES:
+                return _error(400, "INVALID_REQUEST_ERROR", "INVALID_ENUM_VALUE", "Visibility.")
+            if visibility != "VISIBILITY_HIDDEN" and not definition.get("name"):
+                return _error(400, "INVALID_REQUEST_ERROR", "BAD_REQUEST", "Name is required.")
+            if key in self.attribute_definitions:
+                return _error(
+                    409, "INVALID_REQUEST_ERROR", "CONFLICT", f"Definition {key} already exists."
+                )
+            stored = {**definition, "visibility": visibility, "version": 1}
+            self.attribute_definitions[key] = stored
+            return httpx.Response(200, json={"custom_attribute_definition": stored})
+        match = _UPSERT_PATH.match(path)
+        if match is None:
+            return _error(404, "INVALID_REQUEST_ERROR", "NOT_FOUND", "Resource not found.")
+        customer_id, key = match.group(1), match.group(2)
+        idempotency_key = body.get("idempotency_key")
+        if isinstance(idempotency_key, str) and idempotency_key in self._upserts:
+            return httpx.Response(200, json=self._upserts[idempotency_key])
+        if isinstance(idempotency_key, str) and not 1 <= len(idempotency_key) <= 45:
+            return _error(400, "INVALID_REQUEST_ERROR", "INVALID_VALUE", "Idempotency key.")
+        if key not in self.attribute_definitions:
+            return _error(404, "INVALID_REQUEST_ERROR", "NOT_FOUND", f"Definition {key} not found.")
+        if customer_id not in self._customers:
+            return _error(404, "INVALID_REQUEST_ERROR", "NOT_FOUND", "Customer not found.")
+        attribute = body.get("custom_attribute")
+        if not isinstance(attribute, dict) or "value" not in attribute:
+            return _error(
+                400, "INVALID_REQUEST_ERROR", "MISSING_REQUIRED_PARAMETER", "Missing value."
+            )
+        previous = self.custom_attributes.get((customer_id, key))
+        version = int(previous["version"]) + 1 if previous else 1
+        stored = {"key": key, "value": attribute["value"], "version": version}
+        self.custom_attributes[(customer_id, key)] = stored
+        self.attribute_writes += 1
+        answer = {"custom_attribute": stored}
+        if isinstance(idempotency_key, str):
+            self._upserts[idempotency_key] = answer
+        return httpx.Response(200, json=answer)
 
     def _search(self, body: dict[str, Any], number: int) -> httpx.Response:
         limit = body.get("limit", MAX_LIMIT)
