@@ -20,8 +20,10 @@ crash resumes at the page it died on. Per page, whatever its size:
 Rules:
 
 - Absent fields never clear data; a source only overwrites the fields it owns
-  (`IngestPolicy.owned_fields`). The local `excluded` state and the loyalty data (cards,
-  ledger) are never touched by a sync.
+  (`IngestPolicy.owned_fields`). The loyalty data (cards, ledger) is never touched by a sync;
+  the local `excluded` state only by a source that says so (`EXCLUDED_ATTRIBUTE`).
+- A record without a reference of its own is first resolved through its alias source
+  (`IngestPolicy.alias_for`: Appy Stamp ids are Shopify ids), then by email/phone.
 - A record with neither a usable email nor phone, or whose email and phone belong to two
   different customers, or whose new email/phone belongs to another customer, is not written: it
   is recorded in `sync_conflicts` (kind, source, external id, the customers involved — no PII)
@@ -76,6 +78,16 @@ ADVISORY_LOCK_CLASS: Final = 0x4C53  # "LS": the ingest lock namespace (pg_advis
 MAX_ATTEMPTS: Final = 3
 # The state of a customer that only holds the tombstone of a record deleted before it arrived.
 DELETED: Final = "deleted"
+EXCLUDED_ATTRIBUTE: Final = sql.EXCLUDED_KEY
+"""Reserved `ForeignCustomer.attributes` key: True when the source removed the customer from its
+loyalty program (Appy Stamp `state` removed/excluded), False when it says they take part, absent
+(None) when it says nothing. True makes an active local customer `excluded` (no earning); False
+re-includes a locally `excluded` customer only when this same reference had excluded them (a
+merchant's own exclusion is never undone by a sync). Kept in the reference metadata like every
+attribute."""
+SOURCE_ALIASES: Final[Mapping[str, str]] = {"appystamp": "shopify"}
+"""Sources whose external ids are another source's ids for the same person (Appy Stamp's
+customer id IS the Shopify customer id): the alias source consulted when the policy names none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +96,20 @@ class IngestPolicy:
 
     `owned_fields`: the customer fields this source may overwrite on an existing customer
     (default: every field it sends). `match_by`: the keys tried, in order, when a record has no
-    reference yet (LOKE: email only — its phones are not unique).
+    reference yet (LOKE: email only — its phones are not unique). `alias_source`: a source whose
+    reference with the record's own external id identifies the same person; consulted after the
+    record's own reference and before email/phone matching (None: `SOURCE_ALIASES` of the
+    record's source, e.g. Appy Stamp → shopify). It is not part of the content hash.
     """
 
     owned_fields: frozenset[str] = OWNABLE_FIELDS
     match_by: tuple[str, ...] = MATCH_KEYS
+    alias_source: str | None = None
+
+    def alias_for(self, source: str) -> str | None:
+        """The alias source consulted for records of `source` (never the source itself)."""
+        alias = self.alias_source or SOURCE_ALIASES.get(source)
+        return alias if alias != source else None
 
     def __post_init__(self) -> None:
         if unknown := set(self.owned_fields) - OWNABLE_FIELDS:
@@ -298,6 +319,7 @@ class _RefRow:
     source_updated_at: dt.datetime | None
     deleted_at: dt.datetime | None
     metadata: dict[str, Any]
+    was_excluded: bool = False  # the metadata's EXCLUDED_ATTRIBUTE was true
 
 
 @dataclass(slots=True)
@@ -397,6 +419,11 @@ class _Planner:
     def load_references(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _RefRow]:
         found = {}
         for row in sql.fetch_references(self.session, self.store.id, keys):
+            mapping = row._mapping
+            metadata = dict(mapping.get("metadata") or {})
+            was_excluded = mapping.get("was_excluded")
+            if was_excluded is None:  # SQLite: the whole metadata is here
+                was_excluded = metadata.get(EXCLUDED_ATTRIBUTE) is True
             found[(row.source, row.external_id)] = _RefRow(
                 id=row.id,
                 customer_id=row.customer_id,
@@ -404,7 +431,8 @@ class _Planner:
                 source_version=row.source_version,
                 source_updated_at=_aware(row.source_updated_at),
                 deleted_at=_aware(row.deleted_at),
-                metadata=dict(row._mapping.get("metadata") or {}),
+                metadata=metadata,
+                was_excluded=bool(was_excluded),
             )
         return found
 
@@ -608,14 +636,52 @@ def _triage(
     return todo
 
 
+def _apply_exclusion(customer: _CustomerRow, record: ForeignCustomer, ref: _RefRow | None) -> None:
+    """The source's program exclusion (`EXCLUDED_ATTRIBUTE`) onto the local state.
+
+    Only `active` ↔ `excluded` moves: merged, redacted and placeholder customers stay as they
+    are, and a re-inclusion needs this reference to have been the one that excluded them.
+    """
+    excluded = record.attributes.get(EXCLUDED_ATTRIBUTE)
+    if excluded is True and customer.state == "active":
+        customer.state = "excluded"
+        customer.changed = True
+    elif (
+        excluded is False and customer.state == "excluded" and ref is not None and ref.was_excluded
+    ):
+        customer.state = "active"
+        customer.changed = True
+
+
+def _alias_customer(planner: _Planner, alias: _RefRow | None) -> tuple[_CustomerRow | None, bool]:
+    """The live customer an alias reference names → (customer, suppressed).
+
+    A placeholder (the tombstone of a record deleted before it arrived) is no person: ignored.
+    """
+    if alias is None:
+        return None, False
+    customer = planner.live(alias.customer_id)
+    if customer is None or customer.state == DELETED:
+        return None, False
+    if customer.state == "redacted":
+        return None, True
+    return customer, False
+
+
 def _decide(
     planner: _Planner,
     record: ForeignCustomer,
     ref: _RefRow | None,
     digest: str,
     values: _Prepared | None,
+    alias: _RefRow | None = None,
 ) -> None:
-    """Plan one changed record: update, link, create, tombstone, suppress or conflict."""
+    """Plan one changed record: update, link, create, tombstone, suppress or conflict.
+
+    `alias` is the reference of the policy's alias source with the record's external id (only
+    looked at when the record has no reference of its own): the customer it names is linked
+    before any email/phone match is tried.
+    """
     plan = planner.plan
     if record.merged_into:
         plan.merges.append(record)
@@ -650,6 +716,11 @@ def _decide(
         # Newer than the delete that was remembered without a customer: a person after all.
         placeholder, customer = customer, None
     found = customer
+    if found is None and ref is None:
+        found, suppressed = _alias_customer(planner, alias)
+        if suppressed:
+            plan.counts.suppressed += 1
+            return
     if found is None:
         matched, ok = planner.match(record, values)
         if not ok:
@@ -673,12 +744,17 @@ def _decide(
     else:
         target = planner.new_customer()
     extra = planner.apply_fields(target, values, new=found is None)
+    _apply_exclusion(target, record, ref)
     plan.ref_writes.append(
         _RefWrite(record, target, ref, digest, {**attributes, **extra}, deleted=False)
     )
-    if customer is not None:
+    _count_write(plan, record, updated=customer is not None, linked=found is not None)
+
+
+def _count_write(plan: _Plan, record: ForeignCustomer, *, updated: bool, linked: bool) -> None:
+    if updated:
         plan.counts.updated += 1
-    elif found is not None:
+    elif linked:
         plan.counts.linked += 1
     else:
         plan.counts.created += 1
@@ -699,15 +775,33 @@ def _plan_page(
     plan.counts.unchanged += len(records) - len(unique)  # older copies of a record in the page
     keys = {(r.source, r.external_id) for r in unique}
     keys |= {(r.source, r.merged_into) for r in unique if r.merged_into}
-    todo = _triage(plan, unique, planner.load_references(keys), policy)
+    # Alias references (Appy Stamp id = Shopify id) come with the page's own: one query.
+    aliases = {
+        (alias, r.external_id)
+        for r in unique
+        if not r.deleted and (alias := policy.alias_for(r.source)) is not None
+    }
+    refs = planner.load_references(keys | aliases)
+    todo = _triage(plan, unique, refs, policy)
     prepared = {id(r): _prepare(r, store.country) for r, _, _ in todo if not r.deleted}
+
+    def alias_of(record: ForeignCustomer, ref: _RefRow | None) -> _RefRow | None:
+        source = policy.alias_for(record.source)
+        if ref is not None or record.deleted or source is None:
+            return None
+        return refs.get((source, record.external_id))
+
+    linked = {id(r): a for r, ref, _ in todo if (a := alias_of(r, ref)) is not None}
     planner.load_customers(
-        (ref.customer_id for _, ref, _ in todo if ref is not None),
+        [
+            *(ref.customer_id for _, ref, _ in todo if ref is not None),
+            *(a.customer_id for a in linked.values()),
+        ],
         (p.email for p in prepared.values() if p.email),
         (p.phone for p in prepared.values() if p.phone),
     )
     for record, ref, digest in todo:
-        _decide(planner, record, ref, digest, prepared.get(id(record)))
+        _decide(planner, record, ref, digest, prepared.get(id(record)), linked.get(id(record)))
     return plan
 
 

@@ -85,6 +85,12 @@ CUSTOMER_VALUES = (
 )
 
 
+EXCLUDED_KEY = "loyalty_excluded"
+"""The reserved reference-metadata key that says the source excluded the customer from its
+loyalty program (see `models.ingest.EXCLUDED_ATTRIBUTE`). PostgreSQL reads only this one key of
+the metadata (`was_excluded`), so a page never decodes metadata it will not use."""
+
+
 def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
@@ -101,7 +107,8 @@ def _json(rows: Sequence[dict[str, Any]], name: str) -> list[str]:
 
 _PG_REFERENCES = text(
     f"""
-    SELECT {", ".join(f"r.{c}" for c in REFERENCE_COLUMNS if c != "metadata")}
+    SELECT {", ".join(f"r.{c}" for c in REFERENCE_COLUMNS if c != "metadata")},
+        coalesce(r.metadata ->> '{EXCLUDED_KEY}', '') = 'true' AS was_excluded
     FROM unnest(CAST(:sources AS text[]), CAST(:external_ids AS text[])) AS k(source, external_id)
     JOIN LATERAL (
         SELECT * FROM external_references x
@@ -118,7 +125,8 @@ def fetch_references(
     """The references among `keys` (source, external_id).
 
     Their metadata only on SQLite, where the caller merges it; PostgreSQL merges in SQL, so the
-    page does not decode what it will not use.
+    page does not decode what it will not use: there each row carries `was_excluded` instead
+    (the metadata's `EXCLUDED_KEY` is true).
     """
     pairs = sorted(set(keys))
     if not pairs:

@@ -30,6 +30,9 @@ def serve(
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in separate writes: with Nagle's algorithm on, each answer
+        # waits for the client's delayed ACK (~40 ms on Linux) before its body is sent.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             return
