@@ -281,3 +281,49 @@ def test_cli_errors(cwd: Path, db_url: str, make_store: Callable[..., tuple[int,
     result = run(db_url, "connections", "list", "--store", "999999")
     assert result.exit_code == 1
     assert "Store not found" in result.stderr
+
+
+def test_cli_connect_import_sources(
+    cwd: Path, db_url: str, engine: Engine, make_store: Callable[..., tuple[int, str]]
+) -> None:
+    store_id, _ = make_store()
+    other_store, _ = make_store()
+    with Session(engine) as s:
+        from models.cards import create_card
+
+        card = create_card(s, store_id=store_id, name="Imported", stamps_required=10)
+        foreign = create_card(s, store_id=other_store, name="Not ours", stamps_required=10)
+        s.commit()
+        card_id, foreign_id = card.id, foreign.id
+    appy = ["connect", "appystamp", "--store", str(store_id), "--api-key", "k1"]
+    first = ok(db_url, *appy, "--api-secret", "s1", "--card", str(card_id))
+    assert first["source"] == "appystamp"
+    assert first["created"] is True
+    assert first["config"] == {"card_id": card_id}
+    # One account per store: connecting again replaces the keys.
+    again = ok(db_url, *appy, "--api-secret", "s2")
+    assert again["id"] == first["id"]
+    assert again["created"] is False
+    with Session(engine) as s:
+        row = s.get(Connection, first["id"])
+        assert row is not None
+        key = (cwd / "var" / "secret.key").read_bytes().strip()
+        assert credentials(row, key=key) == {"api_key": "k1", "api_secret": "s2"}
+    bad_card = run(db_url, *appy, "--api-secret", "s1", "--card", str(foreign_id))
+    assert bad_card.exit_code == 1
+    assert "Card not found" in bad_card.stderr
+
+    loke = ["connect", "loke", "--store", str(store_id), "--organization-id", "org-1"]
+    creds = ["--client-id", "cid", "--client-secret", "csecret"]
+    made = ok(db_url, *loke, *creds, "--card", str(card_id), "--points-per-stamp", "100")
+    assert made["account"] == "org-1"
+    assert made["config"] == {
+        "auth_url": "https://auth.loke.global",
+        "card_id": card_id,
+        "points_per_stamp": 100,
+    }
+    half = run(db_url, *loke, *creds, "--card", str(card_id))
+    assert half.exit_code == 2
+    blank = run(db_url, *loke, "--client-id", "cid", "--client-secret", " ")
+    assert blank.exit_code == 1
+    assert "client_secret" in blank.stderr

@@ -855,11 +855,28 @@ def connect_loke(
             help="OAuth2 issuer; tokens from {auth-url}/token [default: https://auth.loke.global]",
         ),
     ] = None,
+    card: Annotated[
+        int | None,
+        typer.Option("--card", help="The store's card LOKE points become stamps on"),
+    ] = None,
+    points_per_stamp: Annotated[
+        int | None,
+        typer.Option(
+            "--points-per-stamp",
+            min=1,
+            help="Mirror pointsBalance as floor(points / this) stamps on --card",
+        ),
+    ] = None,
 ) -> None:
     """Connect a LOKE organization (OAuth2 client credentials; connecting again replaces
     them)."""
     from models.connections import LOKE_AUTH_URL
 
+    if (card is None) != (points_per_stamp is None):
+        fail("--card and --points-per-stamp go together", code=2)
+    config: dict[str, Any] = {"auth_url": auth_url or LOKE_AUTH_URL}
+    if card is not None:
+        config.update(card_id=card, points_per_stamp=points_per_stamp)
     _connect(
         ctx,
         store=store,
@@ -868,7 +885,7 @@ def connect_loke(
         secrets={"client_id": client_id, "client_secret": client_secret},
         api_base_url=api_base_url,
         api_version=None,
-        config={"auth_url": auth_url or LOKE_AUTH_URL},
+        config=config,
     )
 
 
