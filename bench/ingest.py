@@ -68,6 +68,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from cryptography.fernet import Fernet
 from sqlalchemy import Engine, create_engine, event, func, select, text, tuple_
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
@@ -799,6 +800,121 @@ def run_database(
         engine.dispose()
 
 
+# --- the import sources (Appy Stamp, LOKE) -------------------------------------------------------
+
+
+def run_import_source(db: str, url: URL, args: argparse.Namespace) -> bool:
+    """`--source appystamp|loke`: N customers from the source's fake served on 127.0.0.1 (real
+    HTTP, as the worker reads them), imported by `run_customer_sync` (the production path, with
+    the per-customer follow-ups: Appy Stamp activities into the stamp ledger, LOKE list
+    memberships), then an unchanged re-run. Returns whether the checks passed."""
+    from models.tables import CustomerCard, StampLedgerEntry
+    from worker.settings import Settings
+
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+        sm = make_sessionmaker(engine)
+        store_id = create_store(sm, f"Bench {args.source}")
+        settings = Settings(DATABASE_URL=url.render_as_string(hide_password=False))
+        key = Fernet.generate_key()  # a throwaway key for the bench's own connection
+        print(f"\n=== {server_version(engine)}: {args.source} import of {args.n:,} customers")
+        if args.source == "appystamp":
+            from tests.fakes.appystamp_bench import run_appystamp_import
+
+            result = run_appystamp_import(
+                sm, store_id=store_id, n=args.n, settings=settings, key=key, seed=args.seed
+            )
+        else:
+            result = _run_loke_import(sm, store_id, args, settings, key)
+        for phase in ("first", "rerun"):
+            r = result[phase]
+            summary = r["summary"]
+            print(
+                f"  {phase:>6}: {r['customers_per_second']:>9,.0f} customers/s "
+                f"({r['seconds']:.1f} s, {r['fake_requests']:,} requests to the fake); "
+                f"created {summary['created']:,}, updated {summary['updated']:,}, "
+                f"unchanged {summary['unchanged']:,}, status {summary['status']}"
+            )
+        with sm() as session:
+            customers = session.scalar(
+                select(func.count()).select_from(Customer).where(Customer.store_id == store_id)
+            )
+            cards = session.execute(select(CustomerCard.id, CustomerCard.stamps)).all()
+            sums = dict(
+                session.execute(
+                    select(
+                        StampLedgerEntry.customer_card_id, func.sum(StampLedgerEntry.delta)
+                    ).group_by(StampLedgerEntry.customer_card_id)
+                ).all()
+            )
+        balanced = all(sums.get(cid, 0) == stamps for cid, stamps in cards)
+        ok = (
+            result["first"]["summary"]["status"] == "succeeded"
+            and result["rerun"]["summary"]["status"] == "succeeded"
+            and result["rerun"]["summary"]["created"] == 0
+            and result["rerun"]["summary"]["updated"] == 0
+            and balanced
+        )
+        print(
+            f"  check: {customers:,} customers, {len(cards):,} cards, every balance == its "
+            f"ledger sum: {balanced}; re-run wrote nothing: "
+            f"{result['rerun']['summary']['created'] + result['rerun']['summary']['updated'] == 0}"
+            f" -> {'OK' if ok else 'FAIL'}"
+        )
+        print(f"  peak RSS {rss_peak_mb():,.0f} MB")
+        return ok
+    finally:
+        engine.dispose()
+
+
+def _run_loke_import(
+    sm: sessionmaker[Session], store_id: int, args: argparse.Namespace, settings: Any, key: bytes
+) -> dict[str, Any]:
+    from models.cards import create_card
+    from models.connections import connect
+    from tests.fakes.loke import CLIENT_ID, CLIENT_SECRET, ORGANIZATION_ID, FakeLoke
+    from worker.sync import run_customer_sync
+
+    fake = FakeLoke(seed=args.seed)
+    fake.generate(args.n, shared_phone_every=50)
+    result: dict[str, Any] = {}
+    with fake.serve() as base_url:
+        with sm() as session:
+            card = create_card(session, store_id=store_id, name="LOKE points", stamps_required=10)
+            connection, _ = connect(
+                session,
+                store_id=store_id,
+                source="loke",
+                account=ORGANIZATION_ID,
+                secrets={"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
+                api_base_url=base_url,
+                api_version=None,
+                key=key,
+                config={"auth_url": base_url, "card_id": card.id, "points_per_stamp": 100},
+            )
+            session.commit()
+            connection_id = connection.id
+        for phase in ("first", "rerun"):
+            before = fake.requests
+            started = time.perf_counter()
+            summary = run_customer_sync(
+                sm,
+                connection_id=connection_id,
+                settings=settings,
+                key=key,
+                budget=LocalBudget(capacity=1e9, refill_per_second=1e9),
+            )
+            seconds = time.perf_counter() - started
+            result[phase] = {
+                "seconds": seconds,
+                "customers_per_second": args.n / seconds,
+                "summary": summary.as_dict(),
+                "fake_requests": fake.requests - before,
+            }
+    return result
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -870,6 +986,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="bulk",
         help="the path of the N-customer phases (default bulk: apply_customer_page)",
     )
+    parser.add_argument(
+        "--source",
+        choices=("shopify", "appystamp", "loke"),
+        default="shopify",
+        help="shopify (default: the phases below, in process) or an import source over HTTP",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the databases")
     parser.add_argument(
         "--profile",
@@ -883,6 +1005,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--phone-share must be within 0..1")
 
     load_before = os.getloadavg()
+    if args.source != "shopify":
+        print(f"Import benchmark (bench/ingest.py --source {args.source}), N {args.n:,}")
+        good = True
+        for db in ("postgresql", "sqlite") if args.db == "both" else (args.db,):
+            if db == "postgresql":
+                with postgres_database(args.postgres_url, args.pg_database, keep=args.keep) as u:
+                    good = run_import_source(db, u, args) and good
+            else:
+                with sqlite_database(keep=args.keep) as u:
+                    good = run_import_source(db, u, args) and good
+        print(f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+        return 0 if good else 1
     print("Ingest benchmark (bench/ingest.py)")
     print(
         f"  {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.platform()},"

@@ -35,9 +35,17 @@ SHOPIFY_TOPICS = frozenset(
         "customers/redact",
         "customers/data_request",
         "shop/redact",
+        # Stamps from orders (models/earning.py).
+        "orders/paid",
+        "orders/updated",
+        "orders/cancelled",
+        "refunds/create",
     }
 )
-SQUARE_TYPES = frozenset({"customer.created", "customer.updated", "customer.deleted"})
+SQUARE_TYPES = frozenset(
+    {"customer.created", "customer.updated", "customer.deleted"}
+    | {"payment.created", "payment.updated", "refund.created", "refund.updated"}
+)
 HANDLED_TOPICS: Mapping[str, frozenset[str]] = {"shopify": SHOPIFY_TOPICS, "square": SQUARE_TYPES}
 
 Outcome = Literal["accepted", "duplicate", "ignored", "invalid"]

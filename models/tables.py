@@ -469,6 +469,54 @@ class WebhookEvent(Base):
     headers: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
 
 
+class OrderEarning(Base):
+    """What one source order (Shopify) or payment (Square) earned in a store, and how it arrived.
+
+    One row per `(store, source, external_id)`: the row lock taken on it (`SELECT … FOR UPDATE`)
+    serialises everything done for that order, and its unique key makes concurrent first
+    arrivals meet (the loser re-reads the winner's row). `outcome` is decided once, when the
+    order is first seen paid with a known buyer (`earned`, or why not: `below_minimum`,
+    `currency_mismatch`, `excluded`, `cancelled`); NULL while it is unpaid or its buyer is not
+    known yet. `earned` is what it credited, `reversed` what refunds and cancellation took back
+    (never more than `earned`), `shortfall` what could not be taken (balance already spent).
+    `refunds` maps each refund id seen to `{"amount": minor units, "applied": bool, "at": …}`.
+    `via` is how the order first arrived (`webhook` or `reconcile`): a `reconcile` row is an
+    order the webhooks missed.
+    """
+
+    __tablename__ = "order_earnings"
+    __table_args__ = (
+        UniqueConstraint("store_id", "source", "external_id"),
+        Index("ix_order_earnings_connection_id_first_seen_at", "connection_id", "first_seen_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    store_id: Mapped[int] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    connection_id: Mapped[int | None] = mapped_column(
+        ForeignKey("connections.id", ondelete="SET NULL")
+    )
+    source: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16))
+    external_id: Mapped[str] = mapped_column(String(255))
+    customer_external_id: Mapped[str | None] = mapped_column(String(255))
+    customer_card_id: Mapped[int | None] = mapped_column(
+        ForeignKey("customer_cards.id", ondelete="SET NULL"), index=True
+    )
+    currency: Mapped[str | None] = mapped_column(String(3))
+    amount: Mapped[int | None] = mapped_column(BigInteger)
+    paid: Mapped[bool] = mapped_column(Boolean, default=False)
+    cancelled: Mapped[bool] = mapped_column(Boolean, default=False)
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    earned: Mapped[int] = mapped_column(Integer, default=0)
+    reversed: Mapped[int] = mapped_column(Integer, default=0)
+    shortfall: Mapped[int] = mapped_column(Integer, default=0)
+    refunds: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    via: Mapped[str] = mapped_column(String(16))
+    source_updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    first_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
 __all__ = [
     "ApiToken",
     "Base",
@@ -478,6 +526,7 @@ __all__ = [
     "CustomerCard",
     "ExternalReference",
     "IdempotentRequest",
+    "OrderEarning",
     "OutboxMessage",
     "Reward",
     "StampLedgerEntry",

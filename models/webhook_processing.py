@@ -32,7 +32,7 @@ import datetime as dt
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import structlog
@@ -40,14 +40,27 @@ from sqlalchemy import ColumnElement, CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from connectors.errors import SkippableRecord
-from connectors.records import ForeignCustomer, parse_instant
-from connectors.shopify.mapping import map_webhook_customer
-from connectors.square.mapping import map_webhook_event
+from connectors.records import ForeignCustomer, ForeignOrder, ForeignRefund, parse_instant
+from connectors.shopify.mapping import (
+    map_webhook_customer,
+    map_webhook_order,
+    map_webhook_refund,
+)
+from connectors.square.mapping import (
+    PAYMENT_EVENTS,
+    REFUND_EVENTS,
+    map_webhook_event,
+    map_webhook_payment,
+)
+from connectors.square.mapping import map_webhook_refund as map_square_refund
 from models import lifecycle
+from models.earning import EarningCounts, apply_orders
 from models.inbox import HANDLED_TOPICS, IGNORED, PENDING, STATUSES
 from models.ingest import PageCounts, apply_customer_page, lock_store
 from models.sync_state import policy_from_config
 from models.tables import Connection, Customer, ExternalReference, WebhookEvent, utcnow
+
+SHOPIFY_ORDER_TOPICS: Final = frozenset({"orders/paid", "orders/updated", "orders/cancelled"})
 
 log = structlog.get_logger(__name__)
 
@@ -95,9 +108,21 @@ class DrainResult:
     failed: int = 0
     retried: int = 0
     ignored: int = 0
+    # Stamps moved by order/payment/refund events, by source (for the worker's metrics).
+    stamps_earned: dict[str, int] = field(default_factory=dict)
+    stamps_reversed: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {
+            "batches": self.batches,
+            "claimed": self.claimed,
+            "done": self.done,
+            "failed": self.failed,
+            "retried": self.retried,
+            "ignored": self.ignored,
+            "stamps_earned": sum(self.stamps_earned.values()),
+            "stamps_reversed": sum(self.stamps_reversed.values()),
+        }
 
 
 # --- claimed rows and their targets ---------------------------------------------------------
@@ -208,6 +233,8 @@ class _Work:
     erasures: list[str] = field(default_factory=list)
     shop_redact: bool = False
     data_requests: list[tuple[_Row, Mapping[str, Any]]] = field(default_factory=list)
+    # Orders/payments and refunds, keyed oldest first (see `_event_key`).
+    orders: list[tuple[tuple[Any, ...], ForeignOrder | ForeignRefund]] = field(default_factory=list)
 
 
 def _payload(row: _Row) -> Mapping[str, Any]:
@@ -250,9 +277,35 @@ def _order_key(record: ForeignCustomer, row: _Row) -> tuple[Any, ...]:
     )
 
 
+def _event_key(updated_at: dt.datetime | None, row: _Row) -> tuple[Any, ...]:
+    return (updated_at or _MIN_TIME, row.triggered_at or _MIN_TIME, row.received_at, row.id)
+
+
+def _plan_order(row: _Row, payload: Mapping[str, Any], work: _Work) -> None:
+    """An order/payment/refund event → `work.orders` (stamps, see models/earning.py)."""
+    topic = row.topic
+    item: ForeignOrder | ForeignRefund
+    try:
+        if row.source == "shopify":
+            if topic == "refunds/create":
+                item = map_webhook_refund(payload)
+            else:
+                item = map_webhook_order(payload)
+        elif topic in PAYMENT_EVENTS:
+            item = map_webhook_payment(payload)
+        else:
+            item = map_square_refund(payload)
+    except SkippableRecord as exc:
+        raise Unmappable(str(exc)) from None
+    stamp = item.source_updated_at if isinstance(item, ForeignOrder) else item.updated_at
+    work.orders.append((_event_key(stamp, row), item))
+
+
 def _plan_shopify(row: _Row, payload: Mapping[str, Any], work: _Work) -> None:
     topic = row.topic
-    if topic in ("customers/create", "customers/update"):
+    if topic in SHOPIFY_ORDER_TOPICS or topic == "refunds/create":
+        _plan_order(row, payload, work)
+    elif topic in ("customers/create", "customers/update"):
         try:
             record = map_webhook_customer(payload)
         except SkippableRecord as exc:
@@ -301,6 +354,9 @@ def _plan_shopify(row: _Row, payload: Mapping[str, Any], work: _Work) -> None:
 
 
 def _plan_square(row: _Row, payload: Mapping[str, Any], work: _Work) -> None:
+    if row.topic in PAYMENT_EVENTS or row.topic in REFUND_EVENTS:
+        _plan_order(row, payload, work)
+        return
     try:
         record = map_webhook_event(payload)
     except SkippableRecord as exc:
@@ -360,7 +416,13 @@ def _forget(session: Session) -> None:
     session.expire_all()
 
 
-def _apply(session: Session, target: _Target, work: _Work, now: dt.datetime) -> PageCounts:
+def _apply(
+    session: Session,
+    target: _Target,
+    work: _Work,
+    now: dt.datetime,
+    earning: EarningCounts | None = None,
+) -> PageCounts:
     policy = policy_from_config(target.config)
     # Merges and erasures resolve identities too: under the page's per-store lock (PostgreSQL).
     lock_store(session, target.store_id)
@@ -408,6 +470,20 @@ def _apply(session: Session, target: _Target, work: _Work, now: dt.datetime) -> 
             data_request_id=(data_request.get("id") if isinstance(data_request, Mapping) else None),
             orders_requested=len(orders) if isinstance(orders, list) else 0,
         )
+    if work.orders:
+        # After the customers of the batch: an order's buyer is then already up to date.
+        connection = session.get(Connection, target.connection_id)
+        if connection is not None:
+            applied = apply_orders(
+                session,
+                connection=connection,
+                orders=[item for _, item in sorted(work.orders, key=lambda pair: pair[0])],
+                via="webhook",
+                now=now,
+                policy=policy,
+            )
+            if earning is not None:
+                earning.add(applied)
     return counts
 
 
@@ -442,9 +518,14 @@ def _process_group(
 ) -> None:
     """One transaction: apply `rows` to each of `targets`, write the rows' statuses."""
     work, failures = _map_rows(rows)
+    earned: dict[str, int] = {}
+    reversed_: dict[str, int] = {}
     with factory() as session, session.begin():
         for target in targets:  # sorted by store id: a stable lock order
-            _apply(session, target, work, now)
+            earning = EarningCounts()
+            _apply(session, target, work, now, earning)
+            earned[target.source] = earned.get(target.source, 0) + earning.stamps_earned
+            reversed_[target.source] = reversed_.get(target.source, 0) + earning.stamps_reversed
         for row_id, reason in failures.items():
             _set_status(session, [row_id], status=FAILED, error=reason)
         done = [r.id for r in rows if r.id not in failures]
@@ -453,6 +534,10 @@ def _process_group(
         log.warning("webhook.unmappable", inbox_id=row_id, error=reason)
     result.done += len(done)
     result.failed += len(failures)
+    for source, stamps in earned.items():
+        result.stamps_earned[source] = result.stamps_earned.get(source, 0) + stamps
+    for source, stamps in reversed_.items():
+        result.stamps_reversed[source] = result.stamps_reversed.get(source, 0) + stamps
 
 
 def _retry_later(

@@ -369,7 +369,7 @@ def test_shopify_handled_topics_are_accepted(
     wh: TestClient, engine: Engine, connected: dict[str, int]
 ) -> None:
     topics = sorted(inbox.SHOPIFY_TOPICS)
-    assert len(topics) == 7
+    assert len(topics) == 11
     for topic in topics:
         body = customer_body(3)
         headers = shopify_headers(body, topic=topic, webhook_id=topic)
@@ -503,7 +503,7 @@ def test_square_deliveries(wh: TestClient, engine: Engine, connected: dict[str, 
     for name in ("created", "updated", "deleted"):
         assert post(SAMPLES[f"square_webhook_customer_{name}"]["json"]) == {"status": "accepted"}
     assert post(SAMPLES["square_webhook_customer_updated"]["json"]) == {"status": "duplicate"}
-    assert post(SAMPLES["square_webhook_payment_updated"]["json"]) == {"status": "ignored"}
+    assert post(SAMPLES["square_webhook_order_updated"]["json"]) == {"status": "ignored"}
     unknown = dict(SAMPLES["square_webhook_customer_updated"]["json"], event_id="x-1")
     unknown["merchant_id"] = "SOMEONE_ELSE"
     assert post(unknown) == {"status": "ignored"}
@@ -513,7 +513,7 @@ def test_square_deliveries(wh: TestClient, engine: Engine, connected: dict[str, 
         ("customer.created", "pending"),
         ("customer.updated", "pending"),
         ("customer.deleted", "pending"),
-        ("payment.updated", "ignored"),
+        ("order.updated", "ignored"),
         ("customer.updated", "ignored"),
     ]
     created = stored[0]
@@ -768,7 +768,7 @@ def test_insert_batch_outcomes(engine: Engine, connected: dict[str, int]) -> Non
         d("a"),
         d("a"),
         d("old"),
-        d("b", topic="orders/paid"),
+        d("b", topic="orders/create"),
         d("c", invalid_reason="body is not JSON"),
         Delivery(source="square", dedupe_key="a", body="{}", topic="customer.created"),
         d("b"),

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from connectors.errors import SkippableRecord
-from connectors.records import ForeignCustomer, clean, parse_instant
+from connectors.records import ForeignCustomer, ForeignOrder, ForeignRefund, clean, parse_instant
 
 SOURCE = "square"
 CUSTOMER_EVENTS = frozenset({"customer.created", "customer.updated", "customer.deleted"})
@@ -137,3 +137,97 @@ def map_webhook_event(event: Mapping[str, Any]) -> ForeignCustomer:
     if not changes:
         return record
     return dataclasses.replace(record, **changes)
+
+
+# --- payments and refunds (stamps from orders) ----------------------------------------------
+
+PAYMENT_EVENTS = frozenset({"payment.created", "payment.updated"})
+REFUND_EVENTS = frozenset({"refund.created", "refund.updated"})
+
+
+def _money(value: Any) -> tuple[int | None, str | None]:
+    """Square `Money` `{amount, currency}`: amount already in minor units (an integer)."""
+    if not isinstance(value, Mapping):
+        return None, None
+    amount = value.get("amount")
+    currency = clean(value.get("currency"))
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+        return None, currency.upper() if currency else None
+    return amount, currency.upper() if currency else None
+
+
+def map_payment(payload: Mapping[str, Any]) -> ForeignOrder:
+    """A Square `Payment` object → ForeignOrder (`kind="payment"`, the earning unit).
+
+    `amount` is `amount_money` (the goods, without tip) minus nothing: refunds arrive as their
+    own records. `paid` only for status `COMPLETED`; `CANCELED`/`FAILED` are `cancelled`.
+    """
+    payment_id = clean(payload.get("id"))
+    if payment_id is None:
+        raise SkippableRecord("square payment without an id", code="missing_id")
+    amount, currency = _money(payload.get("amount_money"))
+    if amount is None:
+        amount, currency = _money(payload.get("total_money"))
+    status = clean(payload.get("status"))
+    status = status.upper() if status else None
+    return ForeignOrder(
+        source=SOURCE,
+        external_id=payment_id,
+        kind="payment",
+        customer_external_id=clean(payload.get("customer_id")),
+        currency=currency,
+        amount=amount,
+        paid=status == "COMPLETED",
+        cancelled=status in ("CANCELED", "FAILED"),
+        status=status,
+        order_id=clean(payload.get("order_id")),
+        location_id=clean(payload.get("location_id")),
+        created_at=parse_instant(payload.get("created_at")),
+        source_updated_at=parse_instant(payload.get("updated_at")),
+    )
+
+
+def map_refund(payload: Mapping[str, Any]) -> ForeignRefund:
+    """A Square `PaymentRefund` object → ForeignRefund of its PAYMENT."""
+    refund_id = clean(payload.get("id"))
+    payment_id = clean(payload.get("payment_id"))
+    if refund_id is None or payment_id is None:
+        raise SkippableRecord("square refund without its id or payment id", code="missing_id")
+    amount, currency = _money(payload.get("amount_money"))
+    if amount is None:
+        raise SkippableRecord("square refund without a usable amount", code="bad_amount")
+    status = clean(payload.get("status"))
+    return ForeignRefund(
+        source=SOURCE,
+        external_id=refund_id,
+        order_external_id=payment_id,
+        amount=amount,
+        currency=currency,
+        status=status.upper() if status else None,
+        created_at=parse_instant(payload.get("created_at")),
+        updated_at=parse_instant(payload.get("updated_at")),
+    )
+
+
+def _event_object(payload: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    data = payload.get("data")
+    obj = data.get("object") if isinstance(data, Mapping) else None
+    inner = obj.get(name) if isinstance(obj, Mapping) else None
+    if not isinstance(inner, Mapping):
+        raise SkippableRecord(f"square event without data.object.{name}", code="missing_object")
+    return inner
+
+
+def map_webhook_payment(payload: Mapping[str, Any]) -> ForeignOrder:
+    """A `payment.created|updated` event → the payment's ForeignOrder."""
+    return map_payment(_event_object(payload, "payment"))
+
+
+def map_webhook_refund(payload: Mapping[str, Any]) -> ForeignRefund:
+    """A `refund.created|updated` event → ForeignRefund."""
+    return map_refund(_event_object(payload, "refund"))
+
+
+def order_customer_id(order: Mapping[str, Any]) -> str | None:
+    """The `customer_id` of a Square `Order` (filled when a payment's own is missing)."""
+    return clean(order.get("customer_id"))
