@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tests.test_cli import (  # noqa: F401 - _isolated is an autouse fixture
     _cli_command,
     _isolated,
     assert_clean_failure,
+    ok,
 )
 from tests.test_cli_sync import (  # noqa: F401 - fixtures
     ENV,
@@ -45,7 +47,10 @@ def shopify() -> Iterator[tuple[FakeShopify, str]]:
         yield fake, url
 
 
-def test_sync_status_json_and_table(db_url: str, shopify: tuple[FakeShopify, str]) -> None:
+def test_sync_status_json_and_table(
+    db_url: str, engine: Engine, shopify: tuple[FakeShopify, str]
+) -> None:
+    del engine  # requested so the database is emptied after the test
     _fake, url = shopify
     store = make_store(db_url)
     connection = connect_shopify(db_url, store, url)
@@ -112,17 +117,30 @@ def test_resync_customer_applies_one_record_and_tombstones_a_missing_one(
 
 
 def test_sync_run_enqueue_puts_a_forced_step_on_the_syncs_queue(
-    db_url: str, shopify: tuple[FakeShopify, str]
+    db_url: str, engine: Engine, shopify: tuple[FakeShopify, str]
 ) -> None:
+    del engine  # requested so the database is emptied after the test
     _fake, url = shopify
     store = make_store(db_url)
     connection = connect_shopify(db_url, store, url)
-    result = cli_ok(
-        db_url, "sync", "run", "--store", str(store), "--source", "shopify", "--enqueue"
+    # A broker file of this test's own (kombu keeps one engine per broker URL per process: the
+    # relative default would reach the file of whichever test used it first).
+    broker_file = Path.cwd() / "var" / f"broker-{uuid.uuid4().hex}.sqlite"
+    result = ok(
+        db_url,
+        "sync",
+        "run",
+        "--store",
+        str(store),
+        "--source",
+        "shopify",
+        "--enqueue",
+        **ENV,
+        CELERY_BROKER_URL=f"sqla+sqlite:///{broker_file}",
     )
     assert result["enqueued"] is True
     assert result["connection_id"] == connection
-    with sqlite3.connect("var/celery-broker.sqlite") as broker:
+    with sqlite3.connect(broker_file) as broker:
         rows = broker.execute(
             "SELECT q.name, m.payload FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id"
         ).fetchall()

@@ -130,11 +130,18 @@ def create_celery(settings: Settings | None = None) -> Celery:
     return celery
 
 
+# The broker URL this process's pools were made for (see `configure`).
+_connected: dict[str, str | None] = {"url": None}
+
+
 def configure(settings: Settings) -> Celery:
     """Re-configure the process-wide `app` from `settings` (the CLI does this once)."""
     config = celery_config(settings)
-    if app.conf.broker_url != config["broker_url"]:
+    # Compared with what this process last connected to, not `app.conf.broker_url`: Celery
+    # answers that from the CELERY_BROKER_URL environment variable when it is set.
+    if _connected["url"] != config["broker_url"]:
         _drop_broker_connections(app)
+        _connected["url"] = config["broker_url"]
     app.conf.update(config)
     return app
 
@@ -148,6 +155,10 @@ def _drop_broker_connections(celery: Celery) -> None:
     amqp = celery.__dict__.get("amqp")
     if amqp is not None:
         amqp._producer_pool = None
+    # kombu's process-wide connection and producer pools too (they hold the previous broker's).
+    from kombu import pools
+
+    pools.reset()  # type: ignore[no-untyped-call]
 
 
 app = create_celery()
