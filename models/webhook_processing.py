@@ -60,6 +60,10 @@ from models.ingest import PageCounts, apply_customer_page, lock_store
 from models.sync_state import policy_from_config
 from models.tables import Connection, Customer, ExternalReference, WebhookEvent, utcnow
 
+# `customers/merge` payloads (Shopify's sample: `admin_graphql_api_customer_kept_id`,
+# `admin_graphql_api_customer_deleted_id`, `admin_graphql_api_job_id`, `status`, `errors`) apply
+# only once the merge finished; a `failed` (or still running) merge changes nothing.
+MERGE_DONE_STATUSES: Final = frozenset({"completed", "complete", "succeeded", "success"})
 SHOPIFY_ORDER_TOPICS: Final = frozenset({"orders/paid", "orders/updated", "orders/cancelled"})
 
 log = structlog.get_logger(__name__)
@@ -333,7 +337,7 @@ def _plan_shopify(row: _Row, payload: Mapping[str, Any], work: _Work) -> None:
             payload.get("customer_deleted_id")
         )
         status = payload.get("status")
-        if isinstance(status, str) and status.lower() not in ("completed", "complete", "success"):
+        if isinstance(status, str) and status.lower() not in MERGE_DONE_STATUSES:
             log.info("webhook.merge.not_completed", inbox_id=row.id, status=status)
             return
         if kept is None or deleted is None:

@@ -536,6 +536,41 @@ def test_shopify_merge_follows_kept_customer(engine: Engine, store: int) -> None
         assert kept.state == "active"
 
 
+def test_a_failed_shopify_merge_changes_nothing(engine: Engine, store: int) -> None:
+    """Shopify's documented `customers/merge` sample: the merge failed (one of the customers was
+    being merged already); nothing may be merged here."""
+    deliver(
+        engine,
+        [
+            shopify("customers/create", shopify_customer(1, T0)),
+            shopify("customers/create", shopify_customer(2, T0)),
+        ],
+    )
+    drain(engine)
+    sample = {
+        "admin_graphql_api_customer_kept_id": "gid://shopify/Customer/1",
+        "admin_graphql_api_customer_deleted_id": "gid://shopify/Customer/2",
+        "admin_graphql_api_job_id": None,
+        "status": "failed",
+        "errors": [
+            {
+                "customer_ids": [1],
+                "field": "merge_in_progress",
+                "message": "John Doe is currently being merged.",
+            }
+        ],
+    }
+    deliver(engine, [shopify("customers/merge", sample)])
+    assert drain(engine).done == 1
+    with Session(engine) as s:
+        one = customer_of(s, store, "shopify", "1")
+        two = customer_of(s, store, "shopify", "2")
+        assert one is not None
+        assert two is not None
+        assert one.id != two.id
+        assert (one.state, two.state) == ("active", "active")
+
+
 # --- failures --------------------------------------------------------------------------------
 
 

@@ -114,6 +114,7 @@ def drain_inbox(
     )
     totals = result.as_dict()
     _count_events(totals)
+    _count_stamps(result.stamps_earned, result.stamps_reversed)
     more = result.batches >= max_batches
     if result.claimed or more:
         log.info(
@@ -139,6 +140,18 @@ def _count_events(totals: dict[str, int]) -> None:
     failed = totals.get("failed", 0) + totals.get("retried", 0)
     if failed:
         EVENTS_FAILED.labels(source="all").inc(failed)
+
+
+def _count_stamps(earned: dict[str, int], reversed_: dict[str, int]) -> None:
+    """Stamps earned / reversed by orders, per source."""
+    from worker.metrics import STAMPS_EARNED, STAMPS_REVERSED
+
+    for source, stamps in earned.items():
+        if stamps:
+            STAMPS_EARNED.labels(source=source).inc(stamps)
+    for source, stamps in reversed_.items():
+        if stamps:
+            STAMPS_REVERSED.labels(source=source).inc(stamps)
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)
