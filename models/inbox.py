@@ -203,54 +203,47 @@ def _row(delivery: Delivery, route: Route | None) -> dict[str, Any]:
     }
 
 
-# PostgreSQL: the whole batch as one statement whose text never changes (columns as arrays,
-# `unnest`ed server-side), so it is parsed and planned once per connection, whatever the batch
-# size — a multi-row VALUES list is a new statement text for every size.
+# PostgreSQL: the whole batch as ONE JSON parameter expanded server-side
+# (`jsonb_to_recordset`): the statement text never changes (parsed and planned once per
+# connection, whatever the batch size) and the client encodes one JSON document with the C
+# encoder instead of dumping fourteen arrays element by element.
 _PG_INSERT = text(
     """
     INSERT INTO webhook_events (
         source, dedupe_key, topic, event_id, store_id, connection_id, account, api_version,
         triggered_at, received_at, status, attempts, next_attempt_at, last_error, body, headers
     )
-    SELECT u.source, u.dedupe_key, u.topic, u.event_id, u.store_id, u.connection_id,
-           u.account, u.api_version, u.triggered_at, u.received_at, u.status, 0,
-           u.received_at, u.last_error, u.body, u.headers::jsonb
-    FROM unnest(
-        CAST(:source AS text[]), CAST(:dedupe_key AS text[]), CAST(:topic AS text[]),
-        CAST(:event_id AS text[]), CAST(:store_id AS bigint[]),
-        CAST(:connection_id AS bigint[]), CAST(:account AS text[]),
-        CAST(:api_version AS text[]), CAST(:triggered_at AS timestamptz[]),
-        CAST(:received_at AS timestamptz[]), CAST(:status AS text[]),
-        CAST(:last_error AS text[]), CAST(:body AS text[]), CAST(:headers AS text[])
-    ) AS u(source, dedupe_key, topic, event_id, store_id, connection_id, account, api_version,
-           triggered_at, received_at, status, last_error, body, headers)
+    SELECT r.source, r.dedupe_key, r.topic, r.event_id, r.store_id, r.connection_id,
+           r.account, r.api_version, r.triggered_at, r.received_at, r.status, 0,
+           r.received_at, r.last_error, r.body, r.headers
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+        source text, dedupe_key text, topic text, event_id text, store_id bigint,
+        connection_id bigint, account text, api_version text, triggered_at timestamptz,
+        received_at timestamptz, status text, last_error text, body text, headers jsonb
+    )
     ON CONFLICT (source, dedupe_key) DO NOTHING
     RETURNING source, dedupe_key
     """
 )
-_PG_COLUMNS = (
-    "source",
-    "dedupe_key",
-    "topic",
-    "event_id",
-    "store_id",
-    "connection_id",
-    "account",
-    "api_version",
-    "triggered_at",
-    "received_at",
-    "status",
-    "last_error",
-    "body",
-)
+
+
+def _instant(value: dt.datetime | None) -> str | None:
+    return value.astimezone(dt.UTC).isoformat() if value is not None else None
 
 
 def _insert_postgresql(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[tuple[str, str]]:
-    params: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in _PG_COLUMNS}
-    params["headers"] = [json.dumps(row["headers"]) for row in rows]
-    for name in ("triggered_at", "received_at"):
-        params[name] = [v.astimezone(dt.UTC) if v is not None else None for v in params[name]]
-    return {(source, key) for source, key in conn.execute(_PG_INSERT, params)}
+    payload = [
+        {
+            **row,
+            "triggered_at": _instant(row["triggered_at"]),
+            "received_at": _instant(row["received_at"]),
+            "next_attempt_at": None,
+        }
+        for row in rows
+    ]
+    # NUL can't be stored in PostgreSQL text; `body_text`/`clean_text` already removed it.
+    document = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return {(source, key) for source, key in conn.execute(_PG_INSERT, {"rows": document})}
 
 
 def insert_batch(
