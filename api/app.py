@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -59,6 +60,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Everything loaded so far (modules, app, settings) lives as long as the process: keep
+        # it out of the cyclic collector's generations, so a full collection under load walks
+        # only per-request garbage (shorter pauses, a lower p99).
+        gc.collect()
+        gc.freeze()
         await intake.start()
         try:
             yield

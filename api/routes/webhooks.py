@@ -45,6 +45,13 @@ _REJECTED = {
 }
 
 
+# The three possible answers, encoded once.
+_ACK_BODIES = {
+    status: json.dumps({"status": status}, separators=(",", ":")).encode()
+    for status in ("accepted", "duplicate", "ignored")
+}
+
+
 class WebhookAckOut(BaseModel):
     status: Literal["accepted", "duplicate", "ignored"]
 
@@ -77,9 +84,11 @@ def _kept_headers(items: Iterable[tuple[str, str]], prefixes: tuple[str, ...]) -
     return kept
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, never buffering more than `limit` bytes (413 beyond it)."""
-    declared = request.headers.get("content-length")
+async def read_body(request: Request, limit: int, declared: str | None = None) -> bytes:
+    """The raw body, never buffering more than `limit` bytes (413 beyond it). `declared` is the
+    Content-Length when the caller has the headers at hand already."""
+    if declared is None:
+        declared = request.headers.get("content-length")
     if declared is not None:
         try:
             size = int(declared)
@@ -121,10 +130,12 @@ def _disabled(source: str) -> ApiError:
     return ApiError(404, "Not found")
 
 
-async def _read_body(request: Request, source: str, limit: int) -> bytes:
+async def _read_body(
+    request: Request, source: str, limit: int, declared: str | None = None
+) -> bytes:
     """`read_body`, counting a 413 as rejected `too_large`."""
     try:
-        return await read_body(request, limit)
+        return await read_body(request, limit, declared)
     except ApiError as exc:
         if exc.status == 413:
             _REJECTED[(source, "too_large")].inc()
@@ -144,7 +155,7 @@ def _parse_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
     return payload, None
 
 
-async def _store(request: Request, delivery: Delivery) -> JSONResponse:
+async def _store(request: Request, delivery: Delivery) -> Response:
     try:
         outcome = await _writer(request).submit(delivery)
     except IntakeUnavailable:
@@ -156,23 +167,25 @@ async def _store(request: Request, delivery: Delivery) -> JSONResponse:
     if delivery.invalid_reason is not None:
         # Stored (or already stored) as `invalid`: the sender learns its body is broken.
         raise ApiError(400, f"unparseable webhook body ({delivery.invalid_reason})")
-    return JSONResponse({"status": outcome})
+    return Response(_ACK_BODIES[outcome], media_type="application/json")
 
 
 @router.post("/shopify", responses=RESPONSES, response_model=WebhookAckOut)
-async def shopify_webhook(request: Request) -> JSONResponse:
+async def shopify_webhook(request: Request) -> Response:
     """A Shopify delivery: `X-Shopify-Hmac-Sha256` over the raw body with any configured secret;
     routed by `X-Shopify-Shop-Domain`, deduplicated on `X-Shopify-Webhook-Id`."""
     settings: Settings = request.app.state.settings
     secrets = request.app.state.shopify_secrets
     if not secrets:
         raise _disabled("shopify")
-    raw = await _read_body(request, "shopify", settings.webhook_max_bytes)
     # ASGI header names are lower-case bytes: one decoded dict, looked up directly (a
     # `request.headers` look-up scans and decodes every header each time).
     headers: dict[str, str] = {}
     for name, value in request.scope["headers"]:
         headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    raw = await _read_body(
+        request, "shopify", settings.webhook_max_bytes, headers.get("content-length")
+    )
 
     def h(name: str, max_len: int = inbox.EVENT_ID_LEN) -> str | None:
         return inbox.clean_text(shopify.header(headers, name), max_len)
@@ -213,7 +226,7 @@ async def shopify_webhook(request: Request) -> JSONResponse:
 
 
 @router.post("/square", responses=RESPONSES, response_model=WebhookAckOut)
-async def square_webhook(request: Request) -> JSONResponse:
+async def square_webhook(request: Request) -> Response:
     """A Square delivery: `x-square-hmacsha256-signature` over `SQUARE_WEBHOOK_URL` + raw body;
     routed by `merchant_id`, deduplicated on `event_id`."""
     settings: Settings = request.app.state.settings
