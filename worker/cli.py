@@ -228,6 +228,10 @@ def serve_api(settings: Settings, *, host: str, port: int) -> None:
                 host=host,
                 port=port,
                 log_config=None,
+                # Our middleware logs every request (with its request id); uvicorn's access
+                # log would be a second, unstructured line per request.
+                access_log=False,
+                server_header=False,
             )
     finally:
         waker.stop()
