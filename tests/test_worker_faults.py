@@ -25,8 +25,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from models.connections import connect
 from models.crypto import derive_key
@@ -84,15 +85,22 @@ def _body(customer: int, version: int) -> dict[str, Any]:
 
 
 def _count(engine: Engine, *statuses: str) -> int:
-    with Session(engine) as s:
-        return int(
-            s.scalar(
-                select(func.count())
-                .select_from(WebhookEvent)
-                .where(WebhookEvent.status.in_(statuses))
+    """Rows with these statuses, read without waiting for writers: the store's SQLite engine
+    begins every transaction IMMEDIATE (so a poll would queue behind the workers' batches until
+    they are all done); a plain deferred read in WAL mode sees the last commit at once."""
+    reader = create_engine(engine.url, poolclass=NullPool)
+    try:
+        with reader.connect() as conn:
+            return int(
+                conn.scalar(
+                    select(func.count())
+                    .select_from(WebhookEvent)
+                    .where(WebhookEvent.status.in_(statuses))
+                )
+                or 0
             )
-            or 0
-        )
+    finally:
+        reader.dispose()
 
 
 def _assert_store_holds_final_versions(
