@@ -346,8 +346,12 @@ def _customer_of(
     policy: IngestPolicy,
     now: dt.datetime,
     counts: EarningCounts,
+    preapplied: frozenset[str] = frozenset(),
 ) -> tuple[Customer | None, str | None]:
-    """The live customer an order earns for (merges followed), or None and why not."""
+    """The live customer an order earns for (merges followed), or None and why not.
+
+    `preapplied`: external ids whose embedded customer records the caller already applied for
+    the whole batch (`apply_orders` does, in one bulk upsert): no per-order upsert for them."""
     external_id = order.customer_external_id
     if external_id is None:
         return None, "no_customer"
@@ -362,7 +366,9 @@ def _customer_of(
         )
 
     ref = reference()
-    if ref is None or order.customer is not None:
+    if external_id in preapplied and ref is not None:
+        pass  # the newest embedded record of this customer was applied with the batch
+    elif ref is None or order.customer is not None:
         record = order.customer or ForeignCustomer(source=order.source, external_id=external_id)
         page = apply_customer_page(
             session, store_id=store_id, records=[record], policy=policy, now=now
@@ -504,6 +510,35 @@ class _Applier:
         self.via = via
         self.now = now
         self.counts = EarningCounts()
+        self.preapplied: frozenset[str] = frozenset()
+
+    def apply_customers(self, items: Sequence[ForeignOrder | ForeignRefund]) -> None:
+        """Apply every order's embedded customer once for the whole batch, in ONE bulk upsert
+        (the newest record per customer; identity rules, conflicts and the stale guard as for
+        any page), instead of one upsert per order."""
+        newest: dict[str, ForeignCustomer] = {}
+        for item in items:
+            record = item.customer if isinstance(item, ForeignOrder) else None
+            if record is None:
+                continue
+            seen = newest.get(record.external_id)
+            if seen is None or (
+                record.source_updated_at or dt.datetime.min.replace(tzinfo=dt.UTC)
+            ) >= (seen.source_updated_at or dt.datetime.min.replace(tzinfo=dt.UTC)):
+                newest[record.external_id] = record
+        if not newest:
+            return
+        page = apply_customer_page(
+            self.session,
+            store_id=self.connection.store_id,
+            records=list(newest.values()),
+            policy=self.policy,
+            now=self.now,
+        )
+        self.counts.customers_created += page.created
+        self.session.flush()
+        self.session.expire_all()
+        self.preapplied = frozenset(newest)
 
     def details(self, row: OrderEarning, **extra: Any) -> dict[str, Any]:
         return {
@@ -612,6 +647,7 @@ class _Applier:
             policy=self.policy,
             now=self.now,
             counts=self.counts,
+            preapplied=self.preapplied,
         )
         if customer is None:
             if why == "excluded":
@@ -772,6 +808,8 @@ def apply_orders(
     for item in items:
         if item.source != connection.source:
             raise ValueError(f"a {item.source} record given to a {connection.source} connection")
+    applier.apply_customers(items)
+    for item in items:
         if isinstance(item, ForeignOrder):
             applier.order(item)
         else:
