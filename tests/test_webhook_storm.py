@@ -198,6 +198,20 @@ class Processes:
         return codes
 
 
+def wait_healthy(base: str, processes: Processes, timeout: float = 30.0) -> None:
+    """Until the API at `base` answers /healthz (its processes must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        processes.check_alive()
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"no /healthz in {timeout:.0f} s:\n{processes.logs()}"
+        time.sleep(0.1)
+
+
 def _count(engine: Engine, *statuses: str) -> int:
     with Session(engine) as s:
         return int(
@@ -243,16 +257,7 @@ def test_storm_through_the_real_api_and_workers(
     try:
         processes.start("worker", "worker", "--concurrency", "2")
         processes.start("api", "api", "--port", str(port))
-        deadline = time.monotonic() + 30
-        while True:
-            processes.check_alive()
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"no /healthz in 30 s:\n{processes.logs()}"
-            time.sleep(0.1)
+        wait_healthy(base, processes)
 
         started = time.monotonic()
         with httpx.Client(base_url=base, timeout=30) as client:

@@ -42,6 +42,7 @@ from tests.test_webhook_storm import (  # noqa: F401 - broker is a fixture
     Processes,
     _count,
     broker,
+    wait_healthy,
 )
 
 MERCHANT = "MLSTORMSQUARE"
@@ -164,16 +165,7 @@ def test_square_storm_and_merge_through_the_real_api_and_workers(
     try:
         processes.start("worker", "worker", "--concurrency", "2")
         processes.start("api", "api", "--port", str(port))
-        deadline = time.monotonic() + 30
-        while True:
-            processes.check_alive()
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"no /healthz:\n{processes.logs()}"
-            time.sleep(0.1)
+        wait_healthy(base, processes)
 
         with httpx.Client(base_url=base, timeout=30) as client:
 

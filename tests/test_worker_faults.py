@@ -45,6 +45,7 @@ from tests.test_webhook_storm import (  # noqa: F401 - broker is a fixture
     Processes,
     broker,
     signed_headers,
+    wait_healthy,
 )
 from tests.test_webhook_storm import Delivery as StormDelivery
 
@@ -270,19 +271,6 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[int, Callable[[], None], Cal
         stop()
 
 
-def _wait_healthy(base: str, processes: Processes) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        processes.check_alive()
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"no /healthz in 30 s:\n{processes.logs()}"
-        time.sleep(0.1)
-
-
 def test_webhooks_accepted_while_the_broker_is_down_are_processed_once_it_is_back(
     db_url: str,
     engine: Engine,
@@ -304,7 +292,7 @@ def test_webhooks_accepted_while_the_broker_is_down_are_processed_once_it_is_bac
     try:
         processes.start("worker", "worker", "--concurrency", "2", "--sweep-interval", "1")
         processes.start("api", "api", "--port", str(api_port))
-        _wait_healthy(base, processes)
+        wait_healthy(base, processes)
         stop_redis()
         with httpx.Client(base_url=base, timeout=30) as client:
             for c in range(customers):
