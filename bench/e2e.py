@@ -37,15 +37,14 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from bench.harness import recreate_database, server
+from bench.harness import migrated_database, percentile, recreate_database, server
 from bench.loadgen import encode_post
 from bench.loadgen import run as run_load
 from models import accounts
 from models.cards import create_card
 from models.connections import connect
-from models.db import make_engine, make_sessionmaker, normalise_url
+from models.db import make_sessionmaker
 from models.earning import configure_earning
-from models.migrate import upgrade
 from models.tables import CustomerCard, StampLedgerEntry, WebhookEvent
 from worker.secret_key import resolve_secret_key
 from worker.settings import Settings
@@ -161,11 +160,6 @@ def processes(database_url: str, worker_concurrency: int) -> Iterator[str]:
             worker.wait()
 
 
-def percentile(values: Sequence[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=20000)
@@ -178,11 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
 
-    recreate_database(args.admin_url, BENCH_DB)
-    url = normalise_url(args.admin_url).set(database=BENCH_DB)
-    database_url = url.render_as_string(hide_password=False)
-    engine = make_engine(database_url)
-    upgrade(engine)
+    database_url, engine = migrated_database(args.admin_url, BENCH_DB)
     sm = make_sessionmaker(engine)
     with sm() as session:
         store, _ = accounts.create_store(session, name="Bench", country="US")

@@ -7,13 +7,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
-from models.db import normalise_url
+from models.db import make_engine, normalise_url
+from models.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +29,20 @@ def recreate_database(admin_url: str, name: str, *, drop_only: bool = False) -> 
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
     finally:
         admin.dispose()
+
+
+def migrated_database(admin_url: str, name: str) -> tuple[str, Engine]:
+    """A fresh database `name` beside `admin_url`, migrated: (its URL, an engine on it)."""
+    recreate_database(admin_url, name)
+    url = normalise_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    upgrade(engine)
+    return url, engine
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
 def free_port() -> int:
