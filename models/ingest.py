@@ -911,7 +911,7 @@ def lock_store(session: Session, store_id: int) -> None:
         )
 
 
-def _prefer_index_probes(session: Session) -> None:
+def prefer_index_probes(session: Session) -> None:
     """On PostgreSQL, plan this page's statements with index probes only.
 
     Every look-up of a page is a probe of a unique index, but right after a bulk load the table
@@ -951,7 +951,7 @@ def apply_customer_page(
         return PageCounts()
     if not dry_run:
         lock_store(session, store_id)
-    _prefer_index_probes(session)
+    prefer_index_probes(session)
     return _apply(session, store, records, policy, dry_run, now)
 
 

@@ -381,6 +381,68 @@ def test_concurrent_first_insert_without_store_lock_meets_on_unique_key(
     assert balance_of(session, store_id, "shopify", "207119551") == 5
 
 
+@pytest.mark.postgres_only
+def test_concurrent_new_orders_and_enrolments_without_store_lock_are_replanned(
+    engine: Engine, session
+) -> None:  # type: ignore[no-untyped-def]
+    """Four transactions write the same new orders of two known buyers who hold no card yet,
+    with no advisory lock: the losers' order rows and cards hit the unique keys, their batch is
+    planned again (savepoint) on the winner's rows, and every order earns exactly once."""
+    from dataclasses import replace
+
+    from models import earning
+
+    store_id, _, connection_id = setup_store(engine, earn={"kind": "per_order", "stamps": 2})
+    with make_sessionmaker(engine)() as s:
+        apply_customer_page(
+            s,
+            store_id=store_id,
+            records=[
+                ForeignCustomer(source="shopify", external_id=str(c), email=f"b{c}@mail.example.com")
+                for c in (101, 102)
+            ],
+        )
+        s.commit()
+    # The buyers are known by reference only: no customer upsert (and no lock) in the batch.
+    orders = [
+        replace(shopify_order(n, customer_id=101 + n % 2), customer=None) for n in range(1, 11)
+    ]
+    factory = make_sessionmaker(engine)
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+    original = earning.lock_store
+    earning.lock_store = lambda session, store_id: None  # type: ignore[assignment]
+    try:
+
+        def worker() -> None:
+            try:
+                with factory() as s:
+                    connection = s.get(Connection, connection_id)
+                    assert connection is not None
+                    barrier.wait()
+                    apply_orders(s, connection=connection, orders=orders, via="webhook", now=T0)
+                    s.commit()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        earning.lock_store = original  # type: ignore[assignment]
+    assert errors == []
+    entries = ledger(session, store_id)
+    assert sorted(key for key, _, reason in entries if reason == "order") == sorted(
+        f"shopify:order:{n}" for n in range(1, 11)
+    )
+    assert balance_of(session, store_id, "shopify", "101") == 10
+    assert balance_of(session, store_id, "shopify", "102") == 10
+    assert session.query(CustomerCard).filter_by(store_id=store_id).count() == 2
+    assert_balances_match_ledger(session, store_id)
+
+
 def test_verify_balances_fixes_drift_with_a_reconcile_entry(engine: Engine, session) -> None:  # type: ignore[no-untyped-def]
     store_id, _, connection_id = setup_store(engine, earn={"kind": "per_order", "stamps": 2})
     _apply(engine, connection_id, [shopify_order(1)])
