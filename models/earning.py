@@ -50,7 +50,13 @@ from sqlalchemy.orm import Session
 from connectors.records import ForeignCustomer, ForeignOrder, ForeignRefund
 from models import cards, earning_sql
 from models.errors import ErrorBag, NotFound, ValidationFailed
-from models.ingest import IngestPolicy, apply_customer_page, lock_store, prefer_index_probes
+from models.ingest import (
+    IngestPolicy,
+    apply_customer_page,
+    lock_store,
+    prefer_cached_plans,
+    prefer_index_probes,
+)
 from models.tables import (
     CardTemplate,
     Connection,
@@ -959,7 +965,6 @@ def apply_orders(
 
         policy = policy_from_config(connection.config, source=connection.source)
     lock_store(session, connection.store_id)
-    prefer_index_probes(session)
     card = _load_card(session, connection, rule)
     created = _apply_customers(
         session, store_id=connection.store_id, items=items, policy=policy, now=now
@@ -981,12 +986,14 @@ def apply_orders(
                     now=now,
                     counts=counts,
                 )
+                prefer_index_probes(session)
                 batch.load(items)
                 for item in items:
                     if isinstance(item, ForeignOrder):
                         batch.order(item)
                     else:
                         batch.refund(item)
+                prefer_cached_plans(session)
                 batch.write()
             break
         except IntegrityError:

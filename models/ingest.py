@@ -930,6 +930,18 @@ def prefer_index_probes(session: Session) -> None:
         )
 
 
+def prefer_cached_plans(session: Session) -> None:
+    """Back to PostgreSQL's default plan caching for the rest of the transaction (after
+    `prefer_index_probes`, before bulk writes).
+
+    Every foreign key is checked per written row by a cached query: under
+    `force_custom_plan` each of those checks is planned anew, which measured 2.5 times the cost of
+    an insert (16,000 outbox rows: 777 ms against 309 ms).
+    """
+    if sql.is_postgres(session):
+        session.execute(text("SET LOCAL plan_cache_mode TO DEFAULT"))
+
+
 def apply_customer_page(
     session: Session,
     *,
@@ -965,9 +977,12 @@ def _apply(
 ) -> PageCounts:
     store_id = store.id
     for attempt in range(1, MAX_ATTEMPTS + 1):
+        if attempt > 1:
+            prefer_index_probes(session)
         plan = _plan_page(session, store, records, policy, now)
         if dry_run:
             return plan.counts
+        prefer_cached_plans(session)
         try:
             with session.begin_nested():
                 _write(session, store_id, plan, now)
