@@ -398,7 +398,9 @@ def test_concurrent_new_orders_and_enrolments_without_store_lock_are_replanned(
             s,
             store_id=store_id,
             records=[
-                ForeignCustomer(source="shopify", external_id=str(c), email=f"b{c}@mail.example.com")
+                ForeignCustomer(
+                    source="shopify", external_id=str(c), email=f"b{c}@mail.example.com"
+                )
                 for c in (101, 102)
             ],
         )

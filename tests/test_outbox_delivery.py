@@ -30,6 +30,7 @@ from tests.fakes.sms import TOKEN as SMS_TOKEN
 from tests.fakes.sms import FakeSms
 from tests.fakes.smtp import FakeSmtp
 from tests.fakes.square import DEFAULT_TOKEN, FakeSquare
+from tests.fakes.tls import LocalAuthority
 from tests.outbox_helpers import (
     MERCHANT,
     PASS_URL,
@@ -391,6 +392,81 @@ def test_smtp_login_and_refused_login(
     assert fake.count == 1
     assert "smtp login refused (535)" in (row(engine, bad).last_error or "")
     assert row(engine, good).status == "delivered"
+
+
+@pytest.fixture
+def authority(tmp_path: Any) -> LocalAuthority:
+    return LocalAuthority(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_smtp_over_tls_verifies_the_server_and_logs_in_encrypted(
+    engine: Engine,
+    db_url: str,
+    store: int,
+    key: bytes,
+    fakes: dict[str, Any],
+    authority: LocalAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    """`?starttls=true` upgrades before AUTH and MAIL (the server refuses both in clear);
+    `smtps://` is TLS from the first byte. The server's certificate is verified against the
+    trust store (here a test CA through `SSL_CERT_FILE`) and its name (127.0.0.1)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(authority.ca_file))
+    fake = FakeSmtp(
+        username="mailer",
+        password="s3cret",
+        tls=mode,  # type: ignore[arg-type]
+        tls_context=authority.server_context(),
+    )
+    with fake.serve() as url:
+        assert url.startswith("smtps://") if mode == "implicit" else url.endswith("?starttls=true")
+        _, row_id = add_customer_with_card(engine, store, email="ada@example.com")
+        assert deliver(engine, make_settings(db_url, SMTP_URL=url), key, fakes)["delivered"] == 1
+    assert (fake.count, fake.tls_sessions, fake.login_refusals) == (1, [True], 0)
+    assert fake.envelopes[0][1] == ["ada@example.com"]
+    assert row(engine, row_id).status == "delivered"
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_smtp_over_tls_refuses_an_untrusted_certificate(
+    engine: Engine,
+    db_url: str,
+    store: int,
+    key: bytes,
+    fakes: dict[str, Any],
+    authority: LocalAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    """A certificate the trust store does not vouch for: nothing is sent (no fallback to clear
+    text), the row is retried later with the reason."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    fake = FakeSmtp(tls=mode, tls_context=authority.server_context())  # type: ignore[arg-type]
+    with fake.serve() as url:
+        _, row_id = add_customer_with_card(engine, store, email="ada@example.com")
+        assert deliver(engine, make_settings(db_url, SMTP_URL=url), key, fakes)["retried"] == 1
+    assert fake.count == 0
+    message = row(engine, row_id)
+    assert message.status == "pending"
+    assert "SSLCertVerificationError" in (message.last_error or "")
+
+
+def test_smtp_starttls_asked_but_not_offered_sends_nothing_in_clear(
+    engine: Engine,
+    db_url: str,
+    store: int,
+    key: bytes,
+    smtp: tuple[FakeSmtp, str],
+    fakes: dict[str, Any],
+) -> None:
+    fake, url = smtp  # a server without TLS
+    _, row_id = add_customer_with_card(engine, store, email="ada@example.com")
+    settings = make_settings(db_url, SMTP_URL=url + "?starttls=true")
+    assert deliver(engine, settings, key, fakes)["retried"] == 1
+    assert fake.count == 0
+    assert "SMTPNotSupportedError" in (row(engine, row_id).last_error or "")
 
 
 def test_smtp_replies_in_errors_mask_addresses(

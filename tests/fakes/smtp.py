@@ -13,6 +13,11 @@ was delivered (the "outcome unknown" case). With `username`/`password` the serve
 AUTH (PLAIN, offered without TLS here: it is a local test server) and refuses a wrong
 login with 535; mail sent without logging in is not refused (aiosmtpd warns about requiring AUTH
 without TLS, and warnings are errors in this suite).
+
+TLS: `tls="starttls"` (with a server `ssl.SSLContext`) offers STARTTLS and refuses mail and
+AUTH before it (`require_starttls`, `auth_require_tls`); the URL then says `?starttls=true`.
+`tls="implicit"` listens with TLS from the first byte (`smtps://`). `tls_sessions` records,
+per accepted message, whether its session was encrypted.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from email import message_from_bytes, policy
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from aiosmtpd.controller import Controller
@@ -40,9 +46,21 @@ def _free_port() -> int:
 
 
 class FakeSmtp:
-    def __init__(self, *, username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: Literal["none", "starttls", "implicit"] = "none",
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if (tls == "none") != (tls_context is None):
+            raise ValueError("a TLS mode needs a server context, and only a TLS mode takes one")
         self.username = username
         self.password = password
+        self.tls = tls
+        self.tls_context = tls_context
+        self.tls_sessions: list[bool] = []
         self._lock = threading.Lock()
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
@@ -109,6 +127,11 @@ class FakeSmtp:
             assert isinstance(message, EmailMessage)
             self.messages.append(message)
             self.envelopes.append((str(envelope.mail_from), list(envelope.rcpt_tos)))
+            transport = server.transport
+            self.tls_sessions.append(
+                session.ssl is not None
+                or (transport is not None and transport.get_extra_info("ssl_object") is not None)
+            )
             drop = self._drops > 0
             if drop:
                 self._drops -= 1
@@ -134,16 +157,21 @@ class FakeSmtp:
 
     @contextmanager
     def serve(self) -> Iterator[str]:
-        """Run on a free port of 127.0.0.1; yields `smtp://[user:pass@]127.0.0.1:<port>`."""
+        """Run on a free port of 127.0.0.1; yields `smtp://[user:pass@]127.0.0.1:<port>`
+        (`?starttls=true` with STARTTLS, `smtps://` with implicit TLS)."""
         port = _free_port()
         kwargs: dict[str, Any] = {}
         if self.username is not None:
             kwargs.update(
                 authenticator=self._authenticate,
-                auth_require_tls=False,
+                auth_require_tls=self.tls == "starttls",
                 auth_required=False,
                 auth_exclude_mechanism=["LOGIN"],  # one mechanism is enough for the tests
             )
+        if self.tls == "starttls":
+            kwargs.update(tls_context=self.tls_context, require_starttls=True)
+        elif self.tls == "implicit":
+            kwargs.update(ssl_context=self.tls_context)
         controller = Controller(self, hostname="127.0.0.1", port=port, **kwargs)
         controller.start()
         try:
@@ -152,6 +180,8 @@ class FakeSmtp:
                 if self.username
                 else ""
             )
-            yield f"smtp://{credentials}127.0.0.1:{port}"
+            scheme = "smtps" if self.tls == "implicit" else "smtp"
+            query = "?starttls=true" if self.tls == "starttls" else ""
+            yield f"{scheme}://{credentials}127.0.0.1:{port}{query}"
         finally:
             controller.stop()
