@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from bench.harness import migrated_database, percentile, recreate_database, server
+from bench.harness import CpuMeter, migrated_database, percentile, recreate_database, server
 from bench.loadgen import encode_post
 from bench.loadgen import run as run_load
 from models import accounts
@@ -204,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for _, body, headers in items
             ]
             answered = [0.0] * len(requests)
+            meter = CpuMeter().start()
             started = time.time()
             _latencies, outcomes, sent = run_load(
                 host, port, requests, concurrency=args.concurrency, answered=answered
@@ -227,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if entries >= args.orders or time.monotonic() > deadline:
                         break
                     time.sleep(0.1)
+            cpu = meter.report(entries)
         with sm() as session:
             rows = session.execute(
                 select(StampLedgerEntry.idempotency_key, StampLedgerEntry.created_at).where(
@@ -247,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"p99 {percentile(lags, 99) * 1000:.0f} ms"
                 f"  [target ≥ 5,000 events/s]"
             )
+            print(cpu)
             statuses = dict(
                 session.execute(
                     select(WebhookEvent.status, func.count()).group_by(WebhookEvent.status)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import socket
 import subprocess
 import tempfile
@@ -43,6 +45,47 @@ def migrated_database(admin_url: str, name: str) -> tuple[str, Engine]:
 def percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (every core, every process:
+    user, nice, system, irq, softirq, steal), from Linux's /proc/stat; None elsewhere."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class CpuMeter:
+    """The machine's busy CPU time over a run, minus the benchmark process's own (its load
+    generator), per event: what one event costs the service (API, workers, PostgreSQL,
+    Redis) in CPU, and so how many events per second the machine's cores allow at most."""
+
+    machine: float | None = None
+    own: float = 0.0
+
+    def start(self) -> CpuMeter:
+        self.machine, self.own = machine_busy_seconds(), time.process_time()
+        return self
+
+    def report(self, events: int) -> str:
+        now = machine_busy_seconds()
+        if self.machine is None or now is None or events <= 0:
+            return "CPU: not measured (no /proc/stat)"
+        service = (now - self.machine) - (time.process_time() - self.own)
+        per_event = service / events
+        cores = os.cpu_count() or 1
+        ceiling = cores / per_event if per_event > 0 else float("inf")
+        return (
+            f"CPU: {service:.1f} s busy across the machine besides the load generator = "
+            f"{per_event * 1e6:,.0f} µs per event → at most {ceiling:,.0f} events/s on "
+            f"{cores} cores"
+        )
 
 
 def free_port() -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from bench.harness import migrated_database, percentile, recreate_database, server
+from bench.harness import CpuMeter, migrated_database, percentile, recreate_database, server
 from bench.loadgen import encode_post
 from bench.loadgen import run as run_load
 from models import accounts
@@ -177,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average before: {os.getloadavg()[0]:.2f} (2 CPUs)")
     try:
         with api_server(database_url) as base_url:
+            intake_meter = CpuMeter().start()
             latencies, outcomes, elapsed = send_all(base_url, items, args.concurrency)
+            intake_cpu = intake_meter.report(args.n)
         rate = args.n / elapsed
         p50, p99 = percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000
         print(
@@ -185,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms; answers {outcomes}"
             f"  [target ≥ 5,000 req/s, p99 ≤ 25 ms]"
         )
+        print(f"  intake {intake_cpu}")
+        processing_meter = CpuMeter().start()
         started = time.perf_counter()
         procs = [
             subprocess.Popen(
@@ -210,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"processing: {args.n / drained:,.0f} events/s with {args.workers} worker processes "
             f"({drained:.1f} s)  [target ≥ 5,000 events/s]"
         )
+        print(f"  processing {processing_meter.report(args.n)}")
         with sm() as session:
             statuses = dict(
                 session.execute(
