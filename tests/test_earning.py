@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 
 from connectors.records import ForeignCustomer
 from models import cards, lifecycle
@@ -19,7 +20,14 @@ from models.earning import (
 )
 from models.errors import NotFound, ValidationFailed
 from models.ingest import apply_customer_page
-from models.tables import Connection, Customer, CustomerCard, ExternalReference, Reward
+from models.tables import (
+    Connection,
+    Customer,
+    CustomerCard,
+    ExternalReference,
+    OrderEarning,
+    Reward,
+)
 from tests.earning_helpers import (
     T0,
     assert_balances_match_ledger,
@@ -275,6 +283,75 @@ def test_merged_customer_earns_on_the_survivor(engine: Engine, session) -> None:
     assert_balances_match_ledger(session, store_id)
 
 
+def test_order_whose_reference_points_at_a_merged_customer_earns_on_the_survivor(
+    engine: Engine, session
+) -> None:  # type: ignore[no-untyped-def]
+    """A reference left on a merged-away customer (merged_into_id set, state merged): the batch
+    follows the chain to the live survivor and earns on the survivor's card."""
+    store_id, _, connection_id = setup_store(engine, earn={"kind": "per_order", "stamps": 2})
+    _apply(engine, connection_id, [shopify_order(1, customer_id=11)])
+    with make_sessionmaker(engine)() as s:
+        loser_id = s.scalar(
+            select(ExternalReference.customer_id).where(ExternalReference.external_id == "11")
+        )
+        survivor = Customer(store_id=store_id, first_name="Survivor", state="active")
+        middle = Customer(store_id=store_id, first_name="Middle", state="merged")
+        s.add_all([survivor, middle])
+        s.flush()
+        middle.merged_into_id = survivor.id
+        loser = s.get(Customer, loser_id)
+        assert loser is not None
+        loser.state, loser.merged_into_id = "merged", middle.id
+        s.commit()
+        survivor_id = survivor.id
+    late = replace(shopify_order(2, customer_id=11), customer=None)
+    counts = _apply(engine, connection_id, [late])
+    assert (counts.earned_orders, counts.enrolled) == (1, 1)
+    cards = session.execute(
+        select(CustomerCard.customer_id, CustomerCard.stamps).where(
+            CustomerCard.store_id == store_id
+        )
+    ).all()
+    session.rollback()
+    assert sorted(cards) == sorted([(loser_id, 2), (survivor_id, 2)])
+    assert earning_row(session, store_id, "2").outcome == "earned"
+    assert_balances_match_ledger(session, store_id)
+
+
+def test_lost_order_rows_are_rebuilt_from_the_ledger_without_earning_twice(
+    engine: Engine, session
+) -> None:  # type: ignore[no-untyped-def]
+    """A restore that kept the ledger but lost `order_earnings` rows: the replayed order finds
+    its entry by key (nothing earned again, `earned` taken from the ledger); a replayed refund
+    reverses nothing twice; a new refund still reverses what is left."""
+    store_id, _, connection_id = setup_store(
+        engine, earn={"kind": "per_amount", "minor_units": 100}
+    )
+    _apply(engine, connection_id, [shopify_order(1, amount=1000)])
+    _apply(engine, connection_id, [shopify_refund(71, 1, 300)])
+    with make_sessionmaker(engine)() as s:
+        s.execute(delete(OrderEarning).where(OrderEarning.store_id == store_id))
+        s.commit()
+    counts = _apply(
+        engine,
+        connection_id,
+        [shopify_order(1, amount=1000), shopify_refund(71, 1, 300)],
+        via="reconcile",
+    )
+    assert (counts.new, counts.stamps_earned, counts.stamps_reversed) == (1, 0, 0)
+    row = earning_row(session, store_id, "1")
+    assert (row.outcome, row.earned, row.reversed) == ("earned", 10, 3)
+    assert balance_of(session, store_id, "shopify", "207119551") == 7
+    _apply(engine, connection_id, [shopify_refund(72, 1, 200)])
+    assert ledger(session, store_id) == [
+        ("shopify:order:1", 10, "order"),
+        ("shopify:refund:71", -3, "reversal"),
+        ("shopify:refund:72", -2, "reversal"),
+    ]
+    assert balance_of(session, store_id, "shopify", "207119551") == 5
+    assert_balances_match_ledger(session, store_id)
+
+
 def test_existing_customer_is_linked_not_duplicated(engine: Engine, session) -> None:  # type: ignore[no-untyped-def]
     store_id, _, connection_id = setup_store(engine)
     with make_sessionmaker(engine)() as s:
@@ -388,8 +465,6 @@ def test_concurrent_new_orders_and_enrolments_without_store_lock_are_replanned(
     """Four transactions write the same new orders of two known buyers who hold no card yet,
     with no advisory lock: the losers' order rows and cards hit the unique keys, their batch is
     planned again (savepoint) on the winner's rows, and every order earns exactly once."""
-    from dataclasses import replace
-
     from models import earning
 
     store_id, _, connection_id = setup_store(engine, earn={"kind": "per_order", "stamps": 2})
