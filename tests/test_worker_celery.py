@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner, Result
 
 from models.inbox import Delivery, find_routes, insert_batch
-from models.tables import Customer, WebhookEvent, utcnow
+from models.tables import Customer, OutboxMessage, WebhookEvent, utcnow
 from tests.conftest import connect_shop
 from worker import celery_app, tasks
 from worker.celery_app import EMBEDDED_BROKER_URL, celery_config, ensure_broker_directory
@@ -374,6 +374,79 @@ def test_a_drain_that_stops_at_its_batch_limit_enqueues_another(
         {"kwargs": {"batch_size": 2, "max_batches": 2}, "expires": tasks.WAKE_EXPIRES_SECONDS}
     ]
     assert tasks.drain_inbox.run()["claimed"] == 1
+
+
+def test_a_drain_that_earned_stamps_wakes_the_outbox_once(
+    engine: Engine, task_database: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live earning queues each change's pass update and push: the drain task wakes the
+    outbox workers right after its commit (once), a drain of customer events does not, and a
+    broker that can't take the wake loses nothing (the beat delivers the committed rows)."""
+    from tests.earning_helpers import setup_store
+    from tests.fakes.shopify_orders import FakeShopifyOrders
+    from worker import scheduled
+
+    store_id, _, _ = setup_store(engine)
+    fake = FakeShopifyOrders()
+    at = dt.datetime(2026, 5, 1, 10, tzinfo=dt.UTC)
+    for order_id in (1, 2):
+        fake.add_order(order_id, customer_id=77, amount=1500, at=at)
+    deliveries = [
+        Delivery(
+            source="shopify",
+            dedupe_key=f"paid-{order_id}",
+            body=json.dumps(fake.rest_order(order_id)),
+            topic="orders/paid",
+            event_id=f"paid-{order_id}",
+            account="shop-1.myshopify.com",
+        )
+        for order_id in (1, 2)
+    ]
+    with engine.begin() as conn:
+        routes = find_routes(conn, "shopify", ["shop-1.myshopify.com"])
+        insert_batch(
+            conn, deliveries, {("shopify", "shop-1.myshopify.com"): routes["shop-1.myshopify.com"]}
+        )
+    wakes: list[Any] = []
+    monkeypatch.setattr(tasks.drain_inbox, "apply_async", lambda **kw: None)
+    monkeypatch.setattr(scheduled.deliver_outbox, "apply_async", lambda **kw: wakes.append(kw))
+    result = tasks.drain_inbox.run()
+    assert (result["done"], result["stamps_earned"]) == (2, 2)
+    assert len(wakes) == 1
+    with Session(engine) as s:
+        kinds = sorted(
+            s.scalars(select(OutboxMessage.kind).where(OutboxMessage.store_id == store_id))
+        )
+    assert kinds == ["pass_update", "pass_update", "push", "push"]
+
+    connect_shop(engine, store_id, SHOP)
+    insert(engine, _customer(1, "Ana"))
+    assert tasks.drain_inbox.run()["done"] == 1
+    assert len(wakes) == 1  # nothing earned, nothing queued: no wake
+
+    def broker_down(**_kw: Any) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(scheduled.deliver_outbox, "apply_async", broker_down)
+    fake.add_order(3, customer_id=77, amount=1500, at=at)
+    with engine.begin() as conn:
+        insert_batch(
+            conn,
+            [
+                Delivery(
+                    source="shopify",
+                    dedupe_key="paid-3",
+                    body=json.dumps(fake.rest_order(3)),
+                    topic="orders/paid",
+                    event_id="paid-3",
+                    account="shop-1.myshopify.com",
+                )
+            ],
+            {("shopify", "shop-1.myshopify.com"): routes["shop-1.myshopify.com"]},
+        )
+    with structlog.testing.capture_logs() as logs:
+        assert tasks.drain_inbox.run()["stamps_earned"] == 1
+    assert any(e["event"] == "outbox.wake_failed" for e in logs)
 
 
 def test_the_sweep_task_re_drives_a_dead_workers_rows(

@@ -115,6 +115,9 @@ def drain_inbox(
     totals = result.as_dict()
     _count_events(totals)
     _count_stamps(result.stamps_earned, result.stamps_reversed)
+    if any(result.stamps_earned.values()) or any(result.stamps_reversed.values()):
+        # Live earning queued each change's pass update and push: deliver them now.
+        wake_outbox()
     more = result.batches >= max_batches
     if result.claimed or more:
         log.info(
@@ -190,6 +193,17 @@ def prune_embedded_broker(url: str, *, keep: dt.timedelta = BROKER_KEEP) -> int:
         log.info("broker.prune_skipped", error=str(exc.orig)[:200])
         return 0
     return int(result.rowcount or 0)
+
+
+def wake_outbox() -> None:
+    """Enqueue an outbox delivery after a commit that queued rows (best effort: when the broker
+    can't take it, the beat's periodic delivery sends them)."""
+    from worker.scheduled import send_outbox
+
+    try:
+        send_outbox()
+    except Exception as exc:  # noqa: BLE001 - the rows are committed; the beat delivers them
+        log.warning("outbox.wake_failed", error_type=type(exc).__name__)
 
 
 def send_drain() -> None:
