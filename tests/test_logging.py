@@ -205,6 +205,30 @@ def test_stdlib_records_go_through_the_same_redaction(
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_tracebacks_are_rendered_as_text_and_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's `logger.exception` (Celery's "Unrecoverable error") and ours carry the
+    traceback as text under `exception`, with what the exception message quotes masked."""
+    configure_logging(log_format="json", level="INFO")
+
+    def fail() -> None:
+        raise ValueError("duplicate key (email)=(jane@example.com)")
+
+    for logger in (logging.getLogger("celery.worker"), structlog.get_logger("ours")):
+        try:
+            fail()
+        except ValueError:
+            logger.exception("Unrecoverable error")
+    records = _json_lines(capsys.readouterr().err)
+    assert len(records) == 2
+    for record in records:
+        assert "exc_info" not in record
+        assert "Traceback (most recent call last)" in record["exception"]
+        assert "in fail" in record["exception"]
+        assert "j***@example.com" in record["exception"]
+        assert "jane@example.com" not in json.dumps(record)
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_console_format_also_redacts(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging(log_format="console", level="INFO")
     structlog.get_logger("test").info("card.links", email="jane@example.com", token="lsk_x")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import structlog
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
@@ -83,6 +84,28 @@ def test_celery_broker_url_selects_redis() -> None:
     assert config["broker_transport_options"]["visibility_timeout"] > config["task_time_limit"]
     # An empty value means unset.
     assert celery_config(Settings(CELERY_BROKER_URL=""))["broker_url"] == EMBEDDED_BROKER_URL
+
+
+def test_a_closed_redis_connection_is_a_connection_error_not_a_crash() -> None:
+    """Celery closes a lost broker connection before restarting its steps; a channel of that
+    connection asked for a client then meets `client is None`. Our transport reports that as a
+    Redis connection error (which Celery ignores while closing, or retries), where kombu's
+    raised an AttributeError that ended the worker ("Unrecoverable error")."""
+    config = celery_config(Settings(CELERY_BROKER_URL="redis://127.0.0.1:6379/3"))
+    assert config["broker_transport"] == celery_app.REDIS_TRANSPORT
+    app = celery_app.create_celery(Settings(CELERY_BROKER_URL="redis://127.0.0.1:6379/3"))
+    with app.connection_for_write() as connection:
+        assert isinstance(connection.transport, celery_app.RedisTransport)
+        assert connection.transport.driver_name == "redis"
+        channel = connection.default_channel  # connects: the shared Redis is up
+        channel.client.ping()
+        assert channel._connparams()["db"] == 3
+        channel.connection.client = None  # what a close leaves behind
+        with pytest.raises(tuple(connection.connection_errors)) as raised:
+            channel._connparams()
+        assert isinstance(raised.value, redis.exceptions.ConnectionError)
+    # Other brokers keep their own transports.
+    assert "broker_transport" not in celery_config(Settings())
 
 
 def test_delivery_guarantees_and_limits() -> None:

@@ -390,23 +390,28 @@ def test_a_sync_survives_postgresql_dropping_every_connection(
                 assert worker.proc.poll() is None, worker.output()
                 assert time.monotonic() < deadline, f"no progress:\n{worker.output()}"
                 time.sleep(0.05)
-            # Every connection of the database is dropped again and again until the run is
-            # done: between pages the pool's pre-ping reconnects; a drop that lands inside a
-            # page's transaction fails the step, and the task's retry resumes the run.
-            dropped = 0
-            deadline = time.monotonic() + 120
+            # Every connection of the database is dropped, again and again (six rounds, a
+            # second apart), while the run goes on: between pages the pool's pre-ping
+            # reconnects; a drop that lands inside a page's transaction fails the step, and the
+            # task's retry resumes the run. (Dropping forever faster than a page takes would
+            # only test that nothing finishes: a restart ends.)
+            dropped = rounds = 0
+            deadline = time.monotonic() + 180
             while True:
-                with engine.connect() as conn:
-                    dropped += (
-                        conn.scalar(
-                            text(
-                                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                if rounds < 6:
+                    with engine.connect() as conn:
+                        dropped += (
+                            conn.scalar(
+                                text(
+                                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                    " WHERE datname = current_database()"
+                                    " AND pid <> pg_backend_pid()"
+                                )
                             )
+                            or 0
                         )
-                        or 0
-                    )
-                time.sleep(0.4)
+                    rounds += 1
+                time.sleep(1.0 if rounds < 6 else 0.2)
                 with Session(engine) as s:
                     state = s.scalars(select(SyncState)).one_or_none()
                     succeeded = s.scalar(

@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 from sqlalchemy.engine import make_url
 
 from worker.settings import Settings
@@ -44,6 +46,29 @@ RETENTION_SECONDS = 6 * 3600.0
 # limits stay meaningful and other tasks get their turn.
 SOFT_TIME_LIMIT = 240
 TIME_LIMIT = 300
+
+
+class _RedisChannel(kombu_redis.Channel):
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # Since Celery 5.6 the consumer closes a lost broker connection *before* it restarts
+        # its steps, and stopping a step can still open a client on a channel of that closed
+        # connection (its `client` is then None): kombu's AttributeError there is an
+        # "Unrecoverable error" that ends the worker (seen in CI with Redis stopped under
+        # load). As a connection error it is what it is: ignored while closing, or one more
+        # reconnection attempt.
+        if self.connection.client is None:
+            raise redis.exceptions.ConnectionError("the broker connection is closed")
+        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+        return params
+
+
+class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport, with a closed connection reported as a connection error."""
+
+    Channel = _RedisChannel
+
+
+REDIS_TRANSPORT = f"{__name__}:RedisTransport"
 
 
 def broker_url(settings: Settings) -> str:
@@ -101,6 +126,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     else:
         # Redis: redeliver an unacknowledged message after the longest a task can run.
         config["broker_transport_options"] = {"visibility_timeout": TIME_LIMIT + 60}
+        if url.startswith("redis://"):
+            config["broker_transport"] = REDIS_TRANSPORT
     return config
 
 

@@ -91,6 +91,10 @@ def configure_logging(*, log_format: str = "json", level: str = "INFO") -> None:
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        # Tracebacks become text first (ours and the stdlib's, e.g. Celery's "Unrecoverable
+        # error"), so that the redaction masks what an exception message quotes.
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
         redact_processor,  # before the timestamp, which would otherwise look like a phone number
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -100,12 +104,7 @@ def configure_logging(*, log_format: str = "json", level: str = "INFO") -> None:
     else:
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
