@@ -383,30 +383,53 @@ def test_order_without_customer_earns_nothing(engine: Engine, session) -> None: 
 # --- exactly once under concurrency, drift --------------------------------------------------
 
 
-@pytest.mark.postgres_only
-def test_concurrent_apply_of_one_order_from_four_connections(engine: Engine, session) -> None:  # type: ignore[no-untyped-def]
-    store_id, _, connection_id = setup_store(engine, earn={"kind": "per_order", "stamps": 3})
+def _apply_concurrently(
+    engine: Engine,
+    connection_id: int,
+    batches: list[tuple[str, list]],  # type: ignore[type-arg]
+    *,
+    store_lock: bool = True,
+) -> None:
+    """Apply each (via, records) batch in its own session and thread, all released at once by
+    a barrier; `store_lock=False` leaves out the store's advisory lock (the row locks and
+    unique keys alone then keep it exactly once). Fails with any thread's error."""
+    from models import earning
+
     factory = make_sessionmaker(engine)
-    barrier = threading.Barrier(4)
+    barrier = threading.Barrier(len(batches))
     errors: list[BaseException] = []
 
-    def worker(via: str) -> None:
+    def worker(via: str, records: list) -> None:  # type: ignore[type-arg]
         try:
             with factory() as s:
                 connection = s.get(Connection, connection_id)
                 assert connection is not None
                 barrier.wait()
-                apply_orders(s, connection=connection, orders=[shopify_order(1)], via=via, now=T0)  # type: ignore[arg-type]
+                apply_orders(s, connection=connection, orders=records, via=via, now=T0)  # type: ignore[arg-type]
                 s.commit()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(v,)) for v in ("webhook", "reconcile") * 2]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    original = earning.lock_store
+    if not store_lock:
+        earning.lock_store = lambda session, store_id: None  # type: ignore[assignment]
+    try:
+        threads = [threading.Thread(target=worker, args=batch) for batch in batches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        earning.lock_store = original  # type: ignore[assignment]
     assert errors == []
+
+
+@pytest.mark.postgres_only
+def test_concurrent_apply_of_one_order_from_four_connections(engine: Engine, session) -> None:  # type: ignore[no-untyped-def]
+    store_id, _, connection_id = setup_store(engine, earn={"kind": "per_order", "stamps": 3})
+    _apply_concurrently(
+        engine, connection_id, [(via, [shopify_order(1)]) for via in ("webhook", "reconcile") * 2]
+    )
     assert ledger(session, store_id) == [("shopify:order:1", 3, "order")]
     assert balance_of(session, store_id, "shopify", "207119551") == 3
 
@@ -416,44 +439,13 @@ def test_concurrent_first_insert_without_store_lock_meets_on_unique_key(
     engine: Engine, session
 ) -> None:  # type: ignore[no-untyped-def]
     """The order row's unique key alone (no advisory lock) keeps a refund from applying twice."""
-    from models import earning
-
     store_id, _, connection_id = setup_store(
         engine, earn={"kind": "per_amount", "minor_units": 100}
     )
     _apply(engine, connection_id, [shopify_order(1, amount=1000)])
-    factory = make_sessionmaker(engine)
-    barrier = threading.Barrier(4)
-    errors: list[BaseException] = []
-    original = earning.lock_store
-    earning.lock_store = lambda session, store_id: None  # type: ignore[assignment]
-    try:
-
-        def worker() -> None:
-            try:
-                with factory() as s:
-                    connection = s.get(Connection, connection_id)
-                    assert connection is not None
-                    barrier.wait()
-                    apply_orders(
-                        s,
-                        connection=connection,
-                        orders=[shopify_refund(9, 1, 500)],
-                        via="webhook",
-                        now=T0,
-                    )
-                    s.commit()
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    finally:
-        earning.lock_store = original  # type: ignore[assignment]
-    assert errors == []
+    _apply_concurrently(
+        engine, connection_id, [("webhook", [shopify_refund(9, 1, 500)])] * 4, store_lock=False
+    )
     assert ledger(session, store_id)[-1] == ("shopify:refund:9", -5, "reversal")
     assert balance_of(session, store_id, "shopify", "207119551") == 5
 
@@ -465,8 +457,6 @@ def test_concurrent_new_orders_and_enrolments_without_store_lock_are_replanned(
     """Four transactions write the same new orders of two known buyers who hold no card yet,
     with no advisory lock: the losers' order rows and cards hit the unique keys, their batch is
     planned again (savepoint) on the winner's rows, and every order earns exactly once."""
-    from models import earning
-
     store_id, _, connection_id = setup_store(engine, earn={"kind": "per_order", "stamps": 2})
     with make_sessionmaker(engine)() as s:
         apply_customer_page(
@@ -484,32 +474,7 @@ def test_concurrent_new_orders_and_enrolments_without_store_lock_are_replanned(
     orders = [
         replace(shopify_order(n, customer_id=101 + n % 2), customer=None) for n in range(1, 11)
     ]
-    factory = make_sessionmaker(engine)
-    barrier = threading.Barrier(4)
-    errors: list[BaseException] = []
-    original = earning.lock_store
-    earning.lock_store = lambda session, store_id: None  # type: ignore[assignment]
-    try:
-
-        def worker() -> None:
-            try:
-                with factory() as s:
-                    connection = s.get(Connection, connection_id)
-                    assert connection is not None
-                    barrier.wait()
-                    apply_orders(s, connection=connection, orders=orders, via="webhook", now=T0)
-                    s.commit()
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    finally:
-        earning.lock_store = original  # type: ignore[assignment]
-    assert errors == []
+    _apply_concurrently(engine, connection_id, [("webhook", orders)] * 4, store_lock=False)
     entries = ledger(session, store_id)
     assert sorted(key for key, _, reason in entries if reason == "order") == sorted(
         f"shopify:order:{n}" for n in range(1, 11)
