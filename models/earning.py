@@ -63,7 +63,6 @@ from models.tables import (
     Customer,
     CustomerCard,
     OrderEarning,
-    OutboxMessage,
     StampLedgerEntry,
     SyncRun,
     is_valid_id,
@@ -767,13 +766,13 @@ class _Batch:
         session, now = self.session, utcnow()
         for held, card_id in zip(
             self.new_cards,
-            earning_sql.next_ids(session, CustomerCard.__table__, len(self.new_cards)),  # type: ignore[arg-type]
+            earning_sql.next_ids(session, earning_sql.CARDS, len(self.new_cards)),
             strict=True,
         ):
             held.id = card_id
         earning_sql.insert_rows(
             session,
-            CustomerCard.__table__,  # type: ignore[arg-type]
+            earning_sql.CARDS,
             [
                 {
                     "id": held.id,
@@ -799,7 +798,7 @@ class _Batch:
             ],
             now,
         )
-        entry_ids = earning_sql.next_ids(session, StampLedgerEntry.__table__, len(self.entries))  # type: ignore[arg-type]
+        entry_ids = earning_sql.next_ids(session, earning_sql.LEDGER, len(self.entries))
         ledger_rows: list[dict[str, Any]] = []
         outbox_rows: list[dict[str, Any]] = []
         for entry, entry_id in zip(self.entries, entry_ids, strict=True):
@@ -839,13 +838,13 @@ class _Batch:
                 )
         earning_sql.insert_rows(
             session,
-            StampLedgerEntry.__table__,  # type: ignore[arg-type]
+            earning_sql.LEDGER,
             ledger_rows,
             json_columns=("details",),
         )
         earning_sql.insert_rows(
             session,
-            OutboxMessage.__table__,  # type: ignore[arg-type]
+            earning_sql.OUTBOX,
             outbox_rows,
             json_columns=("payload",),
         )
@@ -872,7 +871,7 @@ class _Batch:
                 changed.append(values)
         earning_sql.insert_rows(
             session,
-            OrderEarning.__table__,  # type: ignore[arg-type]
+            earning_sql.ORDERS,
             new_rows,
             json_columns=("refunds",),
         )
@@ -922,7 +921,6 @@ def _apply_customers(
     page = apply_customer_page(
         session, store_id=store_id, records=list(newest.values()), policy=policy, now=now
     )
-    session.flush()
     return page.created
 
 

@@ -41,51 +41,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from models.ingest_sql import _copy, _dump, is_postgres
-from models.tables import Customer, CustomerCard, ExternalReference, OrderEarning, StampLedgerEntry
+from models.ingest_sql import _copy, _customers, _dump, _references, is_postgres
+from models.tables import CustomerCard, OrderEarning, OutboxMessage, StampLedgerEntry
 
-_orders: Table = OrderEarning.__table__  # type: ignore[assignment]
-_cards: Table = CustomerCard.__table__  # type: ignore[assignment]
-_customers: Table = Customer.__table__  # type: ignore[assignment]
-_references: Table = ExternalReference.__table__  # type: ignore[assignment]
-_ledger: Table = StampLedgerEntry.__table__  # type: ignore[assignment]
+ORDERS: Table = OrderEarning.__table__  # type: ignore[assignment]
+CARDS: Table = CustomerCard.__table__  # type: ignore[assignment]
+LEDGER: Table = StampLedgerEntry.__table__  # type: ignore[assignment]
+OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
 
 SQLITE_CHUNK: Final = 10_000  # well under SQLite's 32,766 bound variables
 
-ORDER_COLUMNS: Final = (
-    "id",
-    "kind",
-    "external_id",
-    "customer_external_id",
-    "customer_card_id",
-    "currency",
-    "amount",
-    "paid",
-    "cancelled",
-    "outcome",
-    "earned",
-    "reversed",
-    "shortfall",
-    "refunds",
-    "via",
-    "source_updated_at",
-    "first_seen_at",
-)
-# What a batch can change on an existing row.
-ORDER_UPDATES: Final = (
-    "customer_external_id",
-    "customer_card_id",
-    "currency",
-    "amount",
-    "paid",
-    "cancelled",
-    "outcome",
-    "earned",
-    "reversed",
-    "shortfall",
-    "refunds",
-    "source_updated_at",
-)
+# What a batch can change on an existing row, with each column's PostgreSQL array type (the
+# `unnest` of `update_orders`; `refunds` travels as JSON text).
 _PG_TYPES: Final = {
     "customer_external_id": "text",
     "customer_card_id": "bigint",
@@ -100,6 +67,9 @@ _PG_TYPES: Final = {
     "refunds": "text",
     "source_updated_at": "timestamptz",
 }
+ORDER_UPDATES: Final = tuple(_PG_TYPES)
+# What a batch reads of a row: its identity and how it arrived, then what can change.
+ORDER_COLUMNS: Final = ("id", "kind", "external_id", "via", "first_seen_at", *ORDER_UPDATES)
 
 
 def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
@@ -139,7 +109,7 @@ def lock_orders(
     session: Session, store_id: int, source: str, external_ids: Sequence[str]
 ) -> list[Any]:
     """The batch's existing `order_earnings` rows (`ORDER_COLUMNS`), locked, in id order."""
-    o = _orders
+    o = ORDERS
     columns = [o.c[name] for name in ORDER_COLUMNS]
     return _select_in(
         session,
@@ -203,7 +173,7 @@ def lock_cards(
     customers, ids = sorted(set(customer_ids)), sorted(set(card_ids))
     if not customers and not ids:
         return []
-    c = _cards
+    c = CARDS
     columns = (c.c.id, c.c.customer_id, c.c.card_id, c.c.stamps)
     if is_postgres(session):
         arms: list[ColumnElement[bool]] = []
@@ -222,25 +192,30 @@ def lock_cards(
                 .with_for_update()
             ).all()
         )
-    found: dict[int, Any] = {}
-    for chunk in _chunks(customers):
-        for row in session.execute(
-            select(*columns).where(
+    found = {
+        row.id: row
+        for row in _select_in(
+            session,
+            lambda chunk: select(*columns).where(
                 c.c.store_id == store_id, c.c.card_id == template_id, c.c.customer_id.in_(chunk)
-            )
-        ):
-            found[row.id] = row
-    for chunk in _chunks(ids):
-        for row in session.execute(
-            select(*columns).where(c.c.store_id == store_id, c.c.id.in_(chunk))
-        ):
-            found[row.id] = row
+            ),
+            customers,
+        )
+    }
+    found.update(
+        (row.id, row)
+        for row in _select_in(
+            session,
+            lambda chunk: select(*columns).where(c.c.store_id == store_id, c.c.id.in_(chunk)),
+            ids,
+        )
+    )
     return [found[i] for i in sorted(found)]
 
 
 def ledger_deltas(session: Session, store_id: int, keys: Iterable[str]) -> dict[str, int]:
     """idempotency key → delta, for the ledger entries among `keys`."""
-    entries = _ledger
+    entries = LEDGER
     rows = _select_in(
         session,
         lambda chunk: select(entries.c.idempotency_key, entries.c.delta).where(
@@ -322,7 +297,7 @@ def update_orders(session: Session, rows: Sequence[dict[str, Any]], now: dt.date
         }
         session.execute(_PG_UPDATE_ORDERS, {**params, "id": [r["id"] for r in rows], "now": now})
         return
-    o = _orders
+    o = ORDERS
     session.execute(
         update(o)
         .where(o.c.id == bindparam("_id"))
@@ -348,7 +323,7 @@ def set_balances(session: Session, balances: Sequence[tuple[int, int]], now: dt.
             {"id": [i for i, _ in balances], "stamps": [s for _, s in balances], "now": now},
         )
         return
-    c = _cards
+    c = CARDS
     session.execute(
         update(c)
         .where(c.c.id == bindparam("_id"))

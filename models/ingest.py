@@ -963,7 +963,6 @@ def apply_customer_page(
         return PageCounts()
     if not dry_run:
         lock_store(session, store_id)
-    prefer_index_probes(session)
     return _apply(session, store, records, policy, dry_run, now)
 
 
@@ -977,8 +976,7 @@ def _apply(
 ) -> PageCounts:
     store_id = store.id
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        if attempt > 1:
-            prefer_index_probes(session)
+        prefer_index_probes(session)  # the reads; `prefer_cached_plans` before the writes
         plan = _plan_page(session, store, records, policy, now)
         if dry_run:
             return plan.counts
